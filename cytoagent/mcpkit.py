@@ -1,0 +1,199 @@
+"""What every cytoagent MCP server shares: creation, error translation, artifacts as resources,
+image content, and running blocking library code with MCP progress and cancellation.
+
+Server modules stay thin::
+
+    from cytoagent.mcpkit import create_server, run_blocking, tool_result
+    mcp = create_server("spatial", "Spatial single-cell analysis …")
+
+    @mcp.tool
+    async def co_occurrence(dataset: str, ctx: Context) -> ToolResult:
+        res = await run_blocking(ctx, lib.co_occurrence, dataset)
+        return tool_result(res.summary, images=[res.png])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from fastmcp import Context, FastMCP
+from fastmcp.exceptions import ToolError as MCPToolError
+from fastmcp.server.middleware import Middleware
+from fastmcp.tools import ToolResult
+from fastmcp.utilities.types import Image
+
+from servers.common.errors import Cancelled
+from servers.common.errors import ToolError as LibToolError
+from servers.common.progress import CancelToken, make_progress
+
+log = logging.getLogger("cytoagent")
+
+
+def _setup_logging() -> None:
+    root = logging.getLogger("cytoagent")
+    if not root.handlers:
+        h = logging.StreamHandler(sys.stderr)  # never stdout: it is the MCP channel
+        h.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        root.addHandler(h)
+        root.setLevel(logging.INFO)
+
+
+def _find_lib_error(exc: BaseException | None) -> LibToolError | None:
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, LibToolError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+class ErrorTranslation(Middleware):
+    """Library ``ToolError``s become MCP tool errors with their exact message; anything unexpected
+    is logged with its traceback to stderr and summarised to the client (type + message)."""
+
+    async def on_call_tool(self, context, call_next):
+        try:
+            return await call_next(context)
+        except MCPToolError as e:
+            lib = _find_lib_error(e)
+            if lib is not None:
+                raise MCPToolError(str(lib)) from None
+            if e.__cause__ is not None and not isinstance(e.__cause__, MCPToolError):
+                cause = e.__cause__
+                name = getattr(context.message, "name", "?")
+                log.exception("tool %s failed", name, exc_info=cause)
+                raise MCPToolError(
+                    f"Internal error in tool '{name}': {type(cause).__name__}: {cause}. "
+                    "This is a bug or an unsupported input; the server log has the traceback."
+                ) from None
+            raise
+        except LibToolError as e:
+            raise MCPToolError(str(e)) from None
+        except Cancelled as e:
+            raise MCPToolError(f"Cancelled: {e}") from None
+
+
+def create_server(name: str, instructions: str, *, artifacts: bool = True, **kwargs: Any) -> FastMCP:
+    """A FastMCP server with cytoagent's error handling and (by default) artifact tools/resources."""
+    _setup_logging()
+    mcp = FastMCP(name, instructions=instructions, **kwargs)
+    mcp.add_middleware(ErrorTranslation())
+    if artifacts:
+        add_artifact_interface(mcp)
+    return mcp
+
+
+def add_artifact_interface(mcp: FastMCP) -> None:
+    """``list_artifacts`` / ``artifact_info`` / ``delete_artifact`` tools and ``artifact://{id}`` resources."""
+    from servers.common.workspace import get_workspace
+
+    @mcp.tool(annotations={"readOnlyHint": True})
+    def list_artifacts(kind: str | None = None, limit: int = 50) -> dict:
+        """List artifacts in the shared workspace (newest first): ids, kinds, names, shapes, row counts.
+
+        Args:
+            kind: Only this kind (image, labels, mask, table, anndata, geojson, json, figure, code, text, file).
+            limit: Maximum number of artifacts to return.
+        """
+        ws = get_workspace()
+        arts = ws.list(kind=kind, limit=max(1, min(int(limit), 1000)))
+        return {"workspace": str(ws.root), "artifacts": [a.to_dict() for a in arts]}
+
+    @mcp.tool(annotations={"readOnlyHint": True})
+    def artifact_info(artifact_id: str) -> dict:
+        """Metadata of one artifact: kind, absolute path, shape/dtype or rows, provenance (tool + arguments)."""
+        ws = get_workspace()
+        art = ws.get(artifact_id)
+        return {**art.to_dict(), "abspath": str(ws.abspath(art))}
+
+    @mcp.tool(annotations={"destructiveHint": True})
+    def delete_artifact(artifact_id: str) -> dict:
+        """Delete an artifact's file and its index entry."""
+        art = get_workspace().delete(artifact_id)
+        return {"deleted": art.id}
+
+    @mcp.resource("artifact://{artifact_id}", mime_type="application/json")
+    def artifact_resource(artifact_id: str) -> str:
+        ws = get_workspace()
+        art = ws.get(artifact_id)
+        return json.dumps({**art.to_dict(), "abspath": str(ws.abspath(art))})
+
+    @mcp.resource("artifact://{artifact_id}/content", mime_type="application/octet-stream")
+    def artifact_content(artifact_id: str) -> bytes:
+        ws = get_workspace()
+        p = ws.abspath(ws.get(artifact_id))
+        if not p.is_file():
+            raise LibToolError(f"Artifact {artifact_id} is a folder; read its files by path instead.")
+        if p.stat().st_size > 50_000_000:
+            raise LibToolError(f"Artifact {artifact_id} is larger than 50 MB; read it from {p} instead.")
+        return p.read_bytes()
+
+
+def image(png: bytes) -> Image:
+    """MCP image content from PNG bytes."""
+    return Image(data=png, format="png")
+
+
+def tool_result(
+    summary: dict[str, Any] | None = None, *, images: list[bytes] | None = None, text: str | None = None
+) -> ToolResult:
+    """A tool result with a JSON summary (also as structured content), optional text and PNG images."""
+    content: list[Any] = []
+    if text:
+        content.append(text)
+    if summary is not None:
+        content.append(json.dumps(summary, default=_default, indent=None))
+    for png in images or []:
+        content.append(image(png).to_image_content())
+    structured = json.loads(json.dumps(summary, default=_default)) if summary is not None else None
+    return ToolResult(content=content, structured_content=structured)
+
+
+def _default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return None if not np.isfinite(o) else float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    return str(o)
+
+
+async def run_blocking(ctx: Context | None, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Run blocking library code in a worker thread.
+
+    If ``fn`` accepts a ``progress`` keyword it receives one that forwards to MCP progress
+    notifications and raises ``Cancelled`` once the request is cancelled.
+    """
+    import inspect
+
+    loop = asyncio.get_running_loop()
+    token = CancelToken()
+
+    def sink(done: float, total: float | None, message: str | None) -> None:
+        if ctx is not None:
+            asyncio.run_coroutine_threadsafe(ctx.report_progress(done, total, message), loop)
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "progress" in params and "progress" not in kwargs:
+        kwargs["progress"] = make_progress(sink, token)
+    call = functools.partial(fn, *args, **kwargs)
+    try:
+        return await asyncio.to_thread(call)
+    except asyncio.CancelledError:
+        token.cancel()
+        raise

@@ -1,0 +1,1 @@
+"""cytoagent MCP servers. Every subfolder with a ``server.py`` defining a FastMCP server is a server."""
