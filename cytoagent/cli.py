@@ -16,7 +16,8 @@ PLUGIN_MODULES = [
     "cytoagent.datasets",  # data list / data fetch
     "cytoagent.demo",  # demo (the main job)
     "client.cli",  # ask / chat
-    "evals.cli",  # eval / optimize
+    "evals.cli",  # eval
+    "evals.optimize.cli",  # optimize
     "servers.common.segmenters.cli",  # segmenters list / train
 ]
 
