@@ -89,7 +89,7 @@ def cmd_config_claude(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cytoagent", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--version", action="version", version="cytoagent 0.1.0")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("--server-dir", action="append", default=[])
     cd.set_defaults(func=cmd_config_claude)
 
-    for mod_name in PLUGIN_MODULES:
+    for mod_name in PLUGIN_MODULES if plugins else []:
         try:
             mod = importlib.import_module(mod_name)
         except ModuleNotFoundError as e:
@@ -133,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    # `serve` is how MCP clients start us: skip the plugin imports so startup stays fast
+    parser = build_parser(plugins=not (argv and argv[0] in ("serve", "servers", "config")))
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:

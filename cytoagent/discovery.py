@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -99,17 +100,22 @@ def load_server(spec: ServerSpec):
     if spec.source == "builtin":
         module = importlib.import_module(spec.target)
     elif spec.source == "path":
-        mod_name = f"cytoagent_ext_{spec.name}"
-        if mod_name in sys.modules:
-            module = sys.modules[mod_name]
-        else:
-            parent = str(Path(spec.target).parent.parent)
-            if parent not in sys.path:
-                sys.path.insert(0, parent)  # lets a server folder import its sibling modules as a package
-            loader_spec = importlib.util.spec_from_file_location(mod_name, spec.target)
-            module = importlib.util.module_from_spec(loader_spec)
-            sys.modules[mod_name] = module
-            loader_spec.loader.exec_module(module)
+        # Load the folder as a uniquely named package so relative imports inside it work and two
+        # drop-ins with the same module names cannot collide.
+        pkg_name = f"cytoagent_ext_{spec.name}"
+        folder = Path(spec.target).parent
+        if pkg_name not in sys.modules:
+            init = folder / "__init__.py"
+            pkg_spec = importlib.util.spec_from_file_location(
+                pkg_name, init if init.is_file() else None, submodule_search_locations=[str(folder)])
+            if pkg_spec is None:  # a folder without __init__.py: a namespace-like package
+                pkg_spec = importlib.machinery.ModuleSpec(pkg_name, None, is_package=True)
+                pkg_spec.submodule_search_locations = [str(folder)]
+            pkg = importlib.util.module_from_spec(pkg_spec)
+            sys.modules[pkg_name] = pkg
+            if pkg_spec.loader is not None:
+                pkg_spec.loader.exec_module(pkg)
+        module = importlib.import_module(f"{pkg_name}.server")
     else:
         mod, _, attr = spec.target.partition(":")
         module = importlib.import_module(mod)

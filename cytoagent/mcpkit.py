@@ -28,6 +28,7 @@ from fastmcp.server.middleware import Middleware
 from fastmcp.tools import ToolResult
 from fastmcp.utilities.types import Image
 
+from cytoagent import __version__
 from servers.common.errors import Cancelled
 from servers.common.errors import ToolError as LibToolError
 from servers.common.progress import CancelToken, make_progress
@@ -85,6 +86,12 @@ def create_server(name: str, instructions: str, *, artifacts: bool = True, **kwa
     _setup_logging()
     mcp = FastMCP(name, instructions=instructions, **kwargs)
     mcp.add_middleware(ErrorTranslation())
+
+    @mcp.tool(annotations={"readOnlyHint": True})
+    def ping() -> dict:
+        """Health check: the server's name and cytoagent version (cheap; use to test a connection)."""
+        return {"server": name, "version": __version__}
+
     if artifacts:
         add_artifact_interface(mcp)
     return mcp

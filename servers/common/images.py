@@ -48,17 +48,17 @@ def to_uint8(image: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.0)) 
     if img.dtype == np.uint8 and img.ndim == 3:
         return img
     img = img.astype(np.float32)
-    finite = np.isfinite(img)
-    if not finite.all():
-        img = np.where(finite, img, 0.0)
     if img.ndim == 3:
         out = np.empty(img.shape, np.uint8)
         for c in range(img.shape[2]):
             out[..., c] = to_uint8(img[..., c], percentiles)
         return out
-    lo, hi = np.percentile(img, percentiles) if img.size else (0.0, 1.0)
+    finite = np.isfinite(img)
+    vals = img[finite] if not finite.all() else img
+    lo, hi = np.percentile(vals, percentiles) if vals.size else (0.0, 1.0)
     if hi <= lo:
         hi = lo + 1.0
+    img = np.where(finite, img, lo)  # NaN/inf show as background rather than poisoning the stretch
     return (np.clip((img - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
 
 

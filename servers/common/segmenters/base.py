@@ -101,7 +101,7 @@ def get_segmenter(backend: str = "classical", *, modality: Modality = "fluoresce
 def available_backends() -> dict[str, dict[str, Any]]:
     """Each backend with whether its code imports here and what it needs."""
     out = {}
-    for name, (target, extra, desc) in BACKENDS.items():
+    for name, (_target, extra, desc) in BACKENDS.items():
         try:
             _load_class(name)
             status = "ready"

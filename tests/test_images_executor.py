@@ -1,0 +1,70 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from servers.common.errors import Cancelled, ToolError
+from servers.common.executor import LocalExecutor
+from servers.common.images import boundaries, downscale, overlay_labels, preview_png, to_uint8
+from servers.common.progress import CancelToken, make_progress, track
+
+
+def _png(b: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(b)))
+
+
+def test_preview_downscales_and_stretches():
+    img = np.zeros((3000, 1000), np.uint16)
+    img[:, 500:] = 4000
+    out = _png(preview_png(img, max_side=1024))
+    assert out.shape == (1000, 333) and out.dtype == np.uint8
+    assert out[:, :160].max() == 0 and out[:, 170:].min() == 255
+
+
+def test_to_uint8_percentiles_and_nan():
+    a = np.linspace(0, 100, 101, dtype=np.float32)
+    a[0] = np.nan
+    u = to_uint8(a, (0, 100))
+    assert u[1] == 0 and u[-1] == 255 and u[0] == 0
+
+
+def test_downscale_labels_keep_ids():
+    lab = np.repeat(np.repeat(np.arange(1, 5).reshape(2, 2), 600, 0), 600, 1)
+    small = downscale(lab, 300, labels=True)
+    assert set(np.unique(small)) == {1, 2, 3, 4}
+
+
+def test_overlay_and_boundaries():
+    lab = np.zeros((50, 50), np.int32)
+    lab[10:20, 10:20] = 1
+    edge = boundaries(lab)
+    assert edge.sum() == 36 and not edge[15, 15]
+    rgb = _png(overlay_labels(np.zeros((50, 50)), lab))
+    assert tuple(rgb[10, 15]) == (255, 255, 0) and tuple(rgb[15, 15]) == (0, 0, 0)
+    with pytest.raises(ToolError, match="differ"):
+        overlay_labels(np.zeros((10, 10)), lab)
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def test_local_executor_keeps_order_and_reports_progress():
+    seen = []
+    with LocalExecutor(2) as ex:
+        out = ex.map(_square, range(10), progress=lambda d, t, m: seen.append((d, t)))
+    assert out == [i * i for i in range(10)] and seen[-1] == (10, 10)
+    with LocalExecutor(1) as ex:
+        assert ex.map(_square, [3]) == [9]
+
+
+def test_progress_cancellation():
+    token = CancelToken()
+    got = []
+    prog = make_progress(lambda d, t, m: got.append(d), token, min_interval_s=0)
+    with pytest.raises(Cancelled):
+        for i in track(range(100), prog):
+            if i == 5:
+                token.cancel()
+    assert got[-1] == 5
