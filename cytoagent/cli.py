@@ -124,11 +124,13 @@ def build_parser(plugins: bool = True) -> argparse.ArgumentParser:
     for mod_name in PLUGIN_MODULES if plugins else []:
         try:
             mod = importlib.import_module(mod_name)
+            mod.add_parser(sub)
         except ModuleNotFoundError as e:
             if e.name and (mod_name == e.name or mod_name.startswith(e.name + ".")):
                 continue  # that part of the toolkit is not present
-            raise
-        mod.add_parser(sub)
+            _stderr(f"warning: commands from {mod_name} are unavailable: {e}")
+        except Exception as e:  # one broken plugin must not take the whole CLI down
+            _stderr(f"warning: commands from {mod_name} are unavailable: {type(e).__name__}: {e}")
     return p
 
 
