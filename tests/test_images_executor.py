@@ -68,3 +68,15 @@ def test_progress_cancellation():
             if i == 5:
                 token.cancel()
     assert got[-1] == 5
+
+
+def test_dask_executor_same_interface():
+    pytest.importorskip("dask.distributed")
+    from servers.common.config import Config
+    from servers.common.executor import get_executor
+
+    with get_executor(Config(executor="dask", workers=1)) as ex:
+        assert ex.kind == "dask"
+        seen = []
+        assert ex.map(_square, range(6), progress=lambda d, t, m: seen.append(d)) == [0, 1, 4, 9, 16, 25]
+        assert seen[-1] == 6
