@@ -10,7 +10,8 @@ evaluations, optimisation rollouts) is written once::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import as_completed as _cf_as_completed
 from typing import Any
 
 from servers.common.config import Config, get_config
@@ -34,15 +35,16 @@ class Executor:
         done = 0
         if progress:
             progress(0, len(items), message or None)
-        for fut in self._as_completed(list(futures)):
+        for fut in self.as_completed(list(futures)):
             results[futures[fut]] = fut.result()
             done += 1
             if progress:
                 progress(done, len(items), message or None)
         return results
 
-    def _as_completed(self, futures: list) -> Iterable:
-        return as_completed(futures)
+    def as_completed(self, futures: list) -> Iterable:
+        """Yield futures from ``submit`` as they finish (to save each result as it arrives)."""
+        return _cf_as_completed(futures)
 
     def close(self) -> None:
         pass
@@ -104,7 +106,7 @@ class DaskExecutor(Executor):
     def submit(self, fn: Callable, *args, **kwargs):
         return self.client.submit(fn, *args, pure=False, **kwargs)
 
-    def _as_completed(self, futures: list) -> Iterable:
+    def as_completed(self, futures: list) -> Iterable:
         from dask.distributed import as_completed as das_completed
 
         return das_completed(futures)

@@ -1,0 +1,1 @@
+"""Preprocessing optimisation: tasks, primitives, downstream tools, sandboxed evaluation, function bank."""
