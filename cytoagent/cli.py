@@ -19,6 +19,7 @@ PLUGIN_MODULES = [
     "evals.cli",  # eval
     "evals.optimize.cli",  # optimize
     "servers.common.segmenters.cli",  # segmenters list / train
+    "servers.sandbox.cli",  # sandbox check / run
 ]
 
 

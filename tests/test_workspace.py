@@ -76,3 +76,15 @@ def test_concurrent_processes_share_the_index(workspace_dir):
         assert json.loads(ws.abspath(a).read_text())["tag"] in (0, 1, 2)
     mode = __import__("sqlite3").connect(ws.db_path).execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
+
+
+def test_crafted_index_entry_is_refused(workspace, tmp_path):
+    """A planted index row pointing outside the workspace is never followed."""
+    (tmp_path / "outside.txt").write_text("secret")
+    a = workspace.save_text("ok")
+    with workspace._connect() as con:
+        con.execute("UPDATE artifacts SET path=? WHERE id=?", ("../outside.txt", a.id))
+    with pytest.raises(ToolError, match="outside the workspace"):
+        workspace.load(a.id)
+    workspace.delete(a.id)  # removes the row, leaves the outside file alone
+    assert (tmp_path / "outside.txt").read_text() == "secret" and not workspace.exists(a.id)

@@ -23,6 +23,8 @@ from typing import Any
 from servers.common.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from servers.common.errors import ToolError
 
+INDEX_DIR = ".index"
+
 KINDS = ("image", "labels", "mask", "table", "anndata", "geojson", "json", "figure", "code", "text", "file", "model")
 
 _SCHEMA = """
@@ -93,7 +95,10 @@ class Workspace:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().resolve()
         (self.root / "artifacts").mkdir(parents=True, exist_ok=True)
-        self.db_path = self.root / "index.sqlite"
+        # The index lives in its own folder so the sandbox can mount it read-only as a whole
+        # (SQLite creates -wal/-shm files beside the database).
+        (self.root / INDEX_DIR).mkdir(exist_ok=True)
+        self.db_path = self.root / INDEX_DIR / "index.sqlite"
         with self._connect() as con:
             con.executescript(_SCHEMA)
 
@@ -208,21 +213,31 @@ class Workspace:
 
     def delete(self, artifact_id: str) -> Artifact:
         art = self.get(artifact_id)
-        p = self.abspath(art)
+        try:
+            p = self.abspath(art)
+        except ToolError:  # a bad entry is removed from the index without touching any file
+            p = None
+        with self._connect() as con:
+            con.execute("DELETE FROM artifacts WHERE id=?", (artifact_id,))
+        if p is None:
+            return art
         if p.is_file():
             p.unlink()
         elif p.is_dir():
             import shutil
 
             shutil.rmtree(p)
-        with self._connect() as con:
-            con.execute("DELETE FROM artifacts WHERE id=?", (artifact_id,))
         return art
 
     def abspath(self, art: Artifact | str) -> Path:
+        """The artifact's file, re-checked to lie inside the workspace (the index is data, not trust)."""
         if isinstance(art, str):
             art = self.get(art)
-        return self.root / art.path
+        p = (self.root / art.path).resolve()
+        if self.root not in p.parents or INDEX_DIR in p.relative_to(self.root).parts[:1]:
+            raise ToolError(f"Artifact {art.id} points outside the workspace ({art.path!r}); refusing to use it.",
+                            hint="Delete it with delete_artifact and recreate it.")
+        return p
 
     def resolve(self, ref: str) -> Path:
         """An artifact id or a workspace-relative path → absolute path inside the workspace."""
