@@ -152,11 +152,14 @@ def tool_result(
     summary: dict[str, Any] | None = None, *, images: list[bytes] | None = None, text: str | None = None
 ) -> ToolResult:
     """A tool result with a JSON summary (also as structured content), optional text and PNG images."""
+    from mcp.types import TextContent
+
+    # explicit TextContent: a list of plain strings would be serialised by fastmcp as one JSON list
     content: list[Any] = []
     if text:
-        content.append(text)
+        content.append(TextContent(type="text", text=text))
     if summary is not None:
-        content.append(json.dumps(summary, default=_default, indent=None))
+        content.append(TextContent(type="text", text=json.dumps(summary, default=_default, indent=None)))
     for png in images or []:
         content.append(image(png).to_image_content())
     structured = json.loads(json.dumps(summary, default=_default)) if summary is not None else None

@@ -123,3 +123,17 @@ async def test_results_images_and_artifact_resources(server):
             await c.call_tool("artifact_info", {"artifact_id": "nope-123"})
         await c.call_tool("delete_artifact", {"artifact_id": aid})
         assert (await c.call_tool("list_artifacts", {})).structured_content["artifacts"] == []
+
+
+async def test_text_only_result_is_plain_text():
+    mcp = create_server("kit2", "x")
+
+    @mcp.tool
+    def summary_only() -> ToolResult:
+        """Summary with a caption."""
+        return tool_result({"a": 1}, text="caption")
+
+    async with Client(mcp) as c:
+        r = await c.call_tool("summary_only", {})
+        assert [b.text for b in r.content] == ["caption", '{"a": 1}']
+        assert r.structured_content == {"a": 1}
