@@ -99,12 +99,22 @@ class Workspace:
         # (SQLite creates -wal/-shm files beside the database).
         (self.root / INDEX_DIR).mkdir(exist_ok=True)
         self.db_path = self.root / INDEX_DIR / "index.sqlite"
-        with self._connect() as con:
-            con.executescript(_SCHEMA)
+        # Inside the sandbox the index folder is mounted read-only: read it, never write it.
+        self.read_only = self.db_path.exists() and not os.access(self.root / INDEX_DIR, os.W_OK)
+        if not self.read_only:
+            with self._connect() as con:
+                con.executescript(_SCHEMA)
 
     # -- index ---------------------------------------------------------------------------------
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
+        if self.read_only:
+            con = sqlite3.connect(f"file:{self.db_path}?immutable=1", uri=True, isolation_level=None)
+            try:
+                yield con
+            finally:
+                con.close()
+            return
         con = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
         try:
             con.execute("PRAGMA journal_mode=WAL")
@@ -148,6 +158,10 @@ class Workspace:
         meta: dict[str, Any] | None = None,
     ) -> Artifact:
         """Index a file that already lies inside the workspace."""
+        if self.read_only:
+            raise ToolError("The artifact index is read-only here (inside the sandbox).",
+                            hint="Just write the file into the workspace: the sandbox registers new files "
+                                 "as artifacts after each execute call.")
         if kind not in KINDS:
             raise ToolError(f"Unknown artifact kind {kind!r}.", hint=f"Use one of: {', '.join(KINDS)}.")
         p = Path(path).resolve()

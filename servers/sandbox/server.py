@@ -135,7 +135,9 @@ async def execute(code: str, ctx: Context, session: str = "default", timeout_s: 
         "files": [{"path": a.path, "artifact_id": a.id, "kind": a.kind, "bytes": a.bytes} for a in arts],
         "figures": fig_ids,
     }
-    content: list = [_render(res, arts, fig_ids, session)]
+    from mcp.types import TextContent
+
+    content: list = [TextContent(type="text", text=_render(res, arts, fig_ids, session))]
     content += [image(png).to_image_content() for png in res.figures]
     return ToolResult(content=content, structured_content=structured)
 
