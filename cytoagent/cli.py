@@ -20,6 +20,7 @@ PLUGIN_MODULES = [
     "evals.optimize.cli",  # optimize
     "servers.common.segmenters.cli",  # segmenters list / train
     "servers.sandbox.cli",  # sandbox check / run
+    "servers.wsi.cli",  # wsi info / tissue / tiles / nuclei
 ]
 
 

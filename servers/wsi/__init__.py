@@ -1,0 +1,1 @@
+"""Whole-slide image tools: slide access, tissue, tiling, stain, nuclei, features, heatmaps, export."""

@@ -1,0 +1,34 @@
+"""``cytoagent wsi ...`` CLI plugin (exercised through its own argparse parser)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pandas as pd
+
+from servers.common import synthetic
+from servers.wsi import cli
+
+
+def _run(argv, capsys):
+    p = argparse.ArgumentParser()
+    cli.add_parser(p.add_subparsers())
+    a = p.parse_args(argv)
+    rc = a.func(a)
+    return rc, capsys.readouterr()
+
+
+def test_cli_info_tissue_tiles(tmp_path, capsys):
+    synthetic.pyramidal_tiff(tmp_path / "a.tif", shape=(1024, 1024), mpp=0.5, levels=2)
+    rc, out = _run(["wsi", "info", str(tmp_path / "a.tif")], capsys)
+    assert rc == 0 and json.loads(out.out)["mpp"] == 0.5
+    rc, out = _run(["wsi", "tissue", str(tmp_path / "a.tif"), "--out", str(tmp_path / "t.geojson")], capsys)
+    assert rc == 0 and json.loads(out.out)["n_pieces"] == 2
+    assert len(json.loads((tmp_path / "t.geojson").read_text())["features"]) == 2
+    rc, out = _run(["wsi", "tiles", str(tmp_path / "a.tif"), "--tile-px", "64", "--tile-mpp", "2.0", "--workers", "1",
+                    "--out", str(tmp_path / "tiles.csv")], capsys)
+    assert rc == 0 and json.loads(out.out)["n_tiles"] == len(pd.read_csv(tmp_path / "tiles.csv")) > 0
+    (tmp_path / "bad.svs").write_text("x")
+    rc, out = _run(["wsi", "info", str(tmp_path / "bad.svs")], capsys)
+    assert rc == 1 and "not a slide format" in out.err
