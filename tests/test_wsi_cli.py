@@ -32,3 +32,18 @@ def test_cli_info_tissue_tiles(tmp_path, capsys):
     (tmp_path / "bad.svs").write_text("x")
     rc, out = _run(["wsi", "info", str(tmp_path / "bad.svs")], capsys)
     assert rc == 1 and "not a slide format" in out.err
+
+
+def test_cli_nuclei_fluorescence(tmp_path, capsys):
+    import numpy as np
+    import tifffile
+
+    s = synthetic.nuclei_image((256, 256), 20, modality="fluorescence", seed=3)
+    tifffile.imwrite(tmp_path / "f.tif", (s.image * 4000).astype(np.uint16), resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER")
+    rc, out = _run(["wsi", "nuclei", str(tmp_path / "f.tif"), "--tile-px", "128", "--out", str(tmp_path / "n.csv")],
+                   capsys)
+    assert rc == 0, out.err
+    summary = json.loads(out.out)
+    assert summary["modality"] == "fluorescence" and summary["density_basis"] == "image area"
+    assert abs(summary["n_nuclei"] - 20) <= 1 and len(pd.read_csv(tmp_path / "n.csv")) == summary["n_nuclei"]

@@ -7,7 +7,7 @@ is run in the sandbox and scored on a validation split, and the function bank ke
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastmcp import Context
 from fastmcp.tools import ToolResult
@@ -21,7 +21,8 @@ mcp = create_server(
     "Python function `preprocess_images(images) -> list of images` (numpy + cv2) and score it with "
     "evaluate_preprocessing on the validation split; iterate using the scores, per-image metrics and "
     "error messages. bank_top / bank_bottom / bank_history show earlier functions; evaluate_on_test scores "
-    "the top-K on the held-out test split at the end.",
+    "the top-K on the held-out test split at the end. detect_spots counts spots in any image with the same "
+    "detector (with a chosen normalisation), returning a spots table and a preview.",
 )
 
 MAX_PER_IMAGE = 40
@@ -253,6 +254,62 @@ async def evaluate_on_test(task: str, ctx: Context, k: int = 5, timeout_s: float
         timeout_s: Per-function time limit (seconds).
     """
     return await run_blocking(ctx, evaluate_top_on_test, task, _clip_k(k), float(timeout_s))
+
+
+Preprocess = Literal["none", "minmax", "percentile", "normalize99", "divide_255"]
+
+
+@mcp.tool
+async def detect_spots(image: str, ctx: Context, preprocess: Preprocess = "none", task: str | None = None,
+                       pipeline: list[dict[str, Any]] | None = None, channel: int | None = None,
+                       sigma: float | None = None, threshold: float | None = None, min_distance: int | None = None,
+                       exclude_border: int | None = None, preview: bool = True) -> ToolResult:
+    """Count diffraction-limited spots (smFISH transcripts, puncta) in one image with the project's
+    Laplacian-of-Gaussian detector (the same one the spot tasks score): local maxima of the
+    scale-normalised LoG response above an ABSOLUTE threshold. Saves the spots as a table artifact
+    (spot_id, row, col in pixels, LoG response, raw intensity) and returns a preview with every spot
+    circled. Use it to answer "how many spots" questions; compare images with the same settings.
+
+    Because the threshold is absolute, normalise first when the image is in raw units (uint16
+    counts, arbitrary scale): preprocess="minmax" or "percentile" maps it to [0, 1]; 8-bit images
+    can use "divide_255". task= applies a preprocessing task's expert normalisation and its fixed
+    detector settings (see list_tasks); pipeline= gives explicit primitive steps instead (names and
+    parameters as in describe_task's primitives), e.g. [{"name": "subtract_background", "sigma": 20},
+    {"name": "minmax_normalize"}].
+
+    Args:
+        image: Image path relative to the data root (TIFF, PNG, JPEG or NPY; one channel or RGB).
+        preprocess: Named normalisation: "none", "minmax", "percentile" (1-99.8 %), "normalize99"
+            (1-99 %), "divide_255".
+        task: A spots task name whose expert normalisation and detector settings to use.
+        pipeline: Explicit preprocessing steps (list of {"name": primitive, params...}); excludes
+            preprocess/task.
+        channel: Channel of a multi-channel image (0-based); default: the mean of the channels.
+        sigma: LoG scale in pixels (about spot radius / 1.41; default 1.5).
+        threshold: Minimum LoG response of a spot in preprocessed-image units (default 0.1).
+        min_distance: Minimum distance between two spots in pixels (default 2).
+        exclude_border: Ignore maxima this many pixels from the border (default 0).
+        preview: Return a PNG with the detected spots circled.
+
+    Returns:
+        n_spots, detector settings, preprocessing applied, table_artifact (spots), first spots.
+    """
+    from servers.common.paths import resolve_data_path
+    from servers.common.workspace import get_workspace
+    from servers.preprocess.spots import count_spots, read_image_2d, spots_preview
+
+    path = resolve_data_path(image)
+    arr = read_image_2d(path, channel)
+    res = await run_blocking(ctx, count_spots, arr, preprocess=preprocess, task=task, pipeline=pipeline,
+                             sigma=sigma, threshold=threshold, min_distance=min_distance,
+                             exclude_border=exclude_border)
+    prov = {"tool": "preprocess.detect_spots",
+            "args": {"image": image, "preprocess": preprocess, "task": task, "pipeline": pipeline,
+                     "channel": channel, **res.settings}}
+    art = get_workspace().save_table(res.table, name="spots", provenance=prov, meta={"image": image})
+    summary = {"image": image, **res.summary(), "table_artifact": art.id,
+               "first_spots": res.table.head(10).round(3).to_dict("records")}
+    return tool_result(summary, images=[spots_preview(arr, res.coords)] if preview else None)
 
 
 @mcp.tool

@@ -150,11 +150,18 @@ def _expert(steps, note):
     return make
 
 
+#: expert baselines as primitive pipelines (also applied directly by ``detect_spots``)
+EXPERT_STEPS: dict[str, list[tuple[str, dict]]] = {
+    "percentile": [("percentile_normalize", {"low": 1.0, "high": 99.8})],
+    "minmax": [("minmax_normalize", {})],
+    "normalize99": [("percentile_normalize", {"low": 1.0, "high": 99.0})],
+    "identity": [],
+}
 EXPERTS = {
-    "percentile": _expert([("percentile_normalize", {"low": 1.0, "high": 99.8})],
+    "percentile": _expert(EXPERT_STEPS["percentile"],
                           "Expert baseline: percentile clipping (1st-99.8th percentile to [0, 1])."),
-    "minmax": _expert([("minmax_normalize", {})], "Baseline: min-max scaling to [0, 1]."),
-    "normalize99": _expert([("percentile_normalize", {"low": 1.0, "high": 99.0})],
+    "minmax": _expert(EXPERT_STEPS["minmax"], "Baseline: min-max scaling to [0, 1]."),
+    "normalize99": _expert(EXPERT_STEPS["normalize99"],
                            "Expert baseline: Cellpose normalize99 (1st-99th percentile to [0, 1])."),
     "identity": lambda: "def preprocess_images(images):\n    return [img for img in images]\n",
 }

@@ -46,6 +46,9 @@ def add_parser(subparsers) -> None:
     nu.add_argument("--backend", default="classical")
     nu.add_argument("--weights")
     nu.add_argument("--workers", type=int, default=1)
+    nu.add_argument("--modality", choices=["auto", "he", "fluorescence"], default="auto",
+                    help="H&E, fluorescence (one intensity channel; the whole image is tiled) or auto")
+    nu.add_argument("--channel", type=int, help="fluorescence channel of a multi-channel image (0-based)")
     nu.add_argument("--out", help="Parquet/CSV nucleus table, or .geojson for QuPath")
     nu.set_defaults(func=cmd_nuclei)
     sp.set_defaults(func=lambda a: (sp.print_help(), 2)[1])
@@ -127,7 +130,7 @@ def cmd_nuclei(args: argparse.Namespace) -> int:
         opts = {"weights": args.weights} if args.weights else None
         out = segment_slide(s, mpp=args.seg_mpp, tile_px=args.tile_px, backend=args.backend, options=opts,
                             workers=args.workers, polygons=bool(args.out and args.out.endswith(".geojson")),
-                            progress=_progress)
+                            modality=args.modality, channel=args.channel, progress=_progress)
         if args.out:
             if args.out.endswith(".geojson"):
                 from servers.common.atomic import atomic_write_text

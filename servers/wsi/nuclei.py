@@ -9,6 +9,11 @@ near-duplicates (two tiles disagreeing on a border nucleus) are resolved by over
 or centroid distance (slide tables).
 
 Any backend of ``servers.common.segmenters`` works (``classical`` needs no weights).
+
+Modality: ``"he"`` segments RGB H&E (hematoxylin channel); ``"fluorescence"`` segments one
+intensity channel (bright nuclei on a dark background, e.g. DAPI/Hoechst) read in the file's own
+units (a uint16 TIFF keeps its 16-bit values); ``"auto"`` picks fluorescence for one-channel or
+multi-channel (non-RGB) images and for grey images with a dark background, H&E otherwise.
 """
 
 from __future__ import annotations
@@ -23,15 +28,54 @@ from servers.common.errors import ToolError
 from servers.common.progress import ProgressFn
 from servers.wsi.slide import Slide
 
-MORPH_COLUMNS = ["area_um2", "perimeter_um", "equivalent_diameter_um", "major_axis_um", "minor_axis_um",
+MODALITIES = ("auto", "he", "fluorescence")
+MORPH_COLUMNS = ["area_px", "area_um2", "perimeter_um", "equivalent_diameter_um", "major_axis_um", "minor_axis_um",
                  "eccentricity", "solidity", "convex_area_um2", "circularity", "orientation_deg",
                  "mean_hematoxylin_od", "mean_intensity"]
 
 
-def _segmenter(backend: str, options: dict | None):
+def _segmenter(backend: str, options: dict | None, modality: str = "he"):
     from servers.common.segmenters import get_segmenter
 
-    return get_segmenter(backend, modality="he", **(options or {}))
+    return get_segmenter(backend, modality=modality, **(options or {}))
+
+
+def detect_modality(slide: Slide) -> str:
+    """'fluorescence' for one-channel or multi-channel (non-RGB) images, and for grey RGB images whose
+    background (the median) is darker than the middle of their intensity range; else 'he'."""
+    if slide._raw is not None and slide.n_channels != 3:
+        return "fluorescence"
+    thumb, _ = slide.thumbnail(256)
+    t = thumb.astype(np.float32)
+    grey = np.abs(t[..., 0] - t[..., 1]).mean() < 3 and np.abs(t[..., 1] - t[..., 2]).mean() < 3
+    if grey:
+        g = t.mean(axis=2)
+        lo, hi = np.percentile(g, [2, 98])
+        if np.median(g) < (lo + hi) / 2:
+            return "fluorescence"
+    return "he"
+
+
+def flat_field(image: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Illumination (flat-field) correction of a fluorescence channel: divide by its Gaussian blur of
+    ``sigma_px`` (≫ a nucleus) — the multiplicative shading estimate — so dim and bright parts of the
+    field get the same contrast. float32 out."""
+    from scipy import ndimage as ndi
+
+    if not sigma_px > 0:
+        raise ToolError(f"The flat-field scale must be > 0, got {sigma_px}.", hint="Pass e.g. flatfield_um=20.")
+    img = np.asarray(image, np.float32)
+    shade = ndi.gaussian_filter(img, float(sigma_px))
+    floor = max(float(np.percentile(shade, 1)) * 1e-3, 1e-6)
+    return img / np.maximum(shade, floor)
+
+
+def resolve_modality(slide: Slide, modality: str) -> str:
+    """``modality`` checked, with ``"auto"`` replaced by :func:`detect_modality`."""
+    if modality not in MODALITIES:
+        raise ToolError(f"Unknown modality {modality!r}.",
+                        hint="Pass 'he' (RGB H&E), 'fluorescence' (bright nuclei on dark, one channel) or 'auto'.")
+    return detect_modality(slide) if modality == "auto" else modality
 
 
 def core_windows(height: int, width: int, tile_px: int) -> Iterator[tuple[int, int, int, int]]:
@@ -44,22 +88,35 @@ def core_windows(height: int, width: int, tile_px: int) -> Iterator[tuple[int, i
 
 def segment_image(
     rgb: np.ndarray, *, mpp: float, backend: str = "classical", options: dict | None = None,
-    tile_px: int = 1024, overlap_px: int = 96, progress: ProgressFn | None = None,
+    tile_px: int = 1024, overlap_px: int = 96, modality: str = "he", progress: ProgressFn | None = None,
 ) -> np.ndarray:
-    """Instance labels (int32, 1..n) of an RGB H&E image at ``mpp`` µm/px, tiled and stitched."""
+    """Instance labels (int32, 1..n) of an image at ``mpp`` µm/px, tiled and stitched: an RGB H&E
+    image (``modality="he"``) or a (H, W) fluorescence intensity image (``"fluorescence"``; an
+    (H, W, C) image is averaged over its channels)."""
     img = np.asarray(rgb)
-    if img.ndim != 3 or img.shape[2] < 3:
-        raise ToolError(f"Nucleus segmentation needs an RGB image, got shape {img.shape}.")
+    if modality == "fluorescence":
+        if img.ndim == 3:
+            img = img.astype(np.float32).mean(axis=2)
+        if img.ndim != 2:
+            raise ToolError(f"Fluorescence nucleus segmentation needs a 2-D image, got shape {img.shape}.",
+                            hint="Pass one intensity channel (H, W).")
+    elif modality != "he":
+        raise ToolError(f"Unknown modality {modality!r}.", hint="Pass 'he' or 'fluorescence'.")
+    elif img.ndim != 3 or img.shape[2] < 3:
+        raise ToolError(f"Nucleus segmentation needs an RGB image, got shape {img.shape}.",
+                        hint="For one-channel fluorescence images pass modality='fluorescence'.")
+    else:
+        img = img[..., :3]
     if not (mpp and mpp > 0):
         raise ToolError("mpp (µm per pixel of this image) is required.", hint="Pass mpp=, e.g. 0.25 for 40x.")
     if tile_px < 64 or overlap_px < 0:
         raise ToolError(f"tile_px must be >= 64 and overlap_px >= 0 (got {tile_px}, {overlap_px}).")
-    seg = _segmenter(backend, options)
+    seg = _segmenter(backend, options, modality)
     H, W = img.shape[:2]
     if H <= tile_px + overlap_px and W <= tile_px + overlap_px:
         if progress:
             progress(0, 1, "segmenting")
-        lab = seg.segment(img[..., :3], mpp=mpp)
+        lab = seg.segment(img, mpp=mpp)
         if progress:
             progress(1, 1, "segmenting")
         return lab
@@ -71,7 +128,7 @@ def segment_image(
             progress(k, len(cores), "segmenting tiles")
         wy0, wx0 = max(0, cy0 - overlap_px), max(0, cx0 - overlap_px)
         wy1, wx1 = min(H, cy1 + overlap_px), min(W, cx1 + overlap_px)
-        lab = seg.segment(img[wy0:wy1, wx0:wx1, :3], mpp=mpp)
+        lab = seg.segment(img[wy0:wy1, wx0:wx1], mpp=mpp)
         next_id = _paste_core(out, lab, (wy0, wx0), (cy0, cx0, cy1, cx1), next_id)
     if progress:
         progress(len(cores), len(cores), "segmenting tiles")
@@ -113,9 +170,11 @@ def morphometry(labels: np.ndarray, rgb: np.ndarray | None, mpp: float, *, offse
     """Per-nucleus measurements (pandas DataFrame), lengths in µm and areas in µm².
 
     Columns: ``label, x, y`` (centroid in level-0 px: ``offset + scale * local``), ``x_um, y_um``,
-    ``area_um2, perimeter_um, equivalent_diameter_um, major_axis_um, minor_axis_um, eccentricity,
-    solidity, convex_area_um2, circularity`` (4πA/P², 1 = disc), ``orientation_deg``,
-    ``mean_hematoxylin_od`` and ``mean_intensity`` (grey, 0-255) when ``rgb`` is given."""
+    ``area_px`` (pixels of ``labels``), ``area_um2, perimeter_um, equivalent_diameter_um,
+    major_axis_um, minor_axis_um, eccentricity, solidity, convex_area_um2, circularity`` (4πA/P²,
+    1 = disc), ``orientation_deg``; with an RGB ``rgb`` also ``mean_hematoxylin_od`` and
+    ``mean_intensity`` (grey, 0-255); with a 2-D ``rgb`` (a fluorescence channel) ``mean_intensity``
+    in that image's units."""
     import pandas as pd
     from skimage.measure import regionprops_table
 
@@ -125,7 +184,10 @@ def morphometry(labels: np.ndarray, rgb: np.ndarray | None, mpp: float, *, offse
     if lab.max() == 0:
         return pd.DataFrame(columns=["label", "x", "y", "x_um", "y_um", *MORPH_COLUMNS])
     extra = {}
-    if rgb is not None:
+    if rgb is not None and np.asarray(rgb).ndim == 2:
+        extra = {"intensity_mean-1": regionprops_table(lab, intensity_image=np.asarray(rgb, np.float32),
+                                                       properties=["intensity_mean"])["intensity_mean"]}
+    elif rgb is not None:
         from servers.common.segmenters.classical import hematoxylin_od
 
         hem = hematoxylin_od(np.asarray(rgb)[..., :3])
@@ -138,6 +200,7 @@ def morphometry(labels: np.ndarray, rgb: np.ndarray | None, mpp: float, *, offse
         "label": t["label"].astype(np.int64),
         "x": offset_xy[0] + scale_to_level0 * t["centroid-1"],
         "y": offset_xy[1] + scale_to_level0 * t["centroid-0"],
+        "area_px": t["area"].astype(np.int64),
         "area_um2": t["area"] * s * s,
         "perimeter_um": t["perimeter"] * s,
         "equivalent_diameter_um": t["equivalent_diameter_area"] * s,
@@ -150,8 +213,9 @@ def morphometry(labels: np.ndarray, rgb: np.ndarray | None, mpp: float, *, offse
     })
     per = np.where(t["perimeter"] > 0, t["perimeter"], np.nan)
     df["circularity"] = np.clip(4 * np.pi * t["area"] / per**2, 0, 1)
-    if extra:
+    if "intensity_mean-0" in extra:
         df["mean_hematoxylin_od"] = extra["intensity_mean-0"]
+    if extra:
         df["mean_intensity"] = extra["intensity_mean-1"]
     level0_mpp = s / scale_to_level0
     df.insert(3, "x_um", df["x"] * level0_mpp)
@@ -160,11 +224,15 @@ def morphometry(labels: np.ndarray, rgb: np.ndarray | None, mpp: float, *, offse
 
 
 def summarize(table, area_mm2: float | None) -> dict[str, Any]:
-    """Counts, density per mm² and morphometry medians of a nucleus table."""
+    """Counts, density per mm², mean/max nucleus size and morphometry medians of a nucleus table."""
     n = int(len(table))
     out: dict[str, Any] = {"n_nuclei": n, "area_mm2": None if area_mm2 is None else round(area_mm2, 5)}
     out["density_per_mm2"] = round(n / area_mm2, 2) if area_mm2 else None
     if n:
+        for c, agg in (("area_um2", "mean"), ("area_um2", "max"), ("area_px", "mean"),
+                       ("equivalent_diameter_um", "mean")):
+            if c in table:
+                out[f"{agg}_{c}"] = round(float(getattr(table[c], agg)()), 4)
         for c in ("area_um2", "perimeter_um", "eccentricity", "solidity", "circularity", "mean_hematoxylin_od"):
             if c in table:
                 out[f"median_{c}"] = round(float(np.nanmedian(table[c])), 4)
@@ -201,17 +269,20 @@ def label_polygons(labels: np.ndarray, *, offset_xy: tuple[float, float] = (0, 0
 @dataclass
 class RegionNuclei:
     labels: np.ndarray
-    rgb: np.ndarray
+    rgb: np.ndarray  # the RGB region (H&E) or the intensity channel (fluorescence) that was segmented
     table: Any  # DataFrame
     mpp: float
     origin: tuple[int, int]
     downsample: float
     seconds: float
+    modality: str = "he"
 
     def summary(self) -> dict[str, Any]:
         h, w = self.labels.shape
         area_mm2 = h * w * (self.mpp / 1000) ** 2
         out = summarize(self.table, area_mm2)
+        out["modality"] = self.modality
+        out["nuclear_area_fraction"] = round(float((self.labels > 0).mean()), 6)
         out.update({"region_level0": [self.origin[0], self.origin[1], int(round(w * self.downsample)),
                                       int(round(h * self.downsample))],
                     "shape_px": [h, w], "mpp": self.mpp, "seconds": round(self.seconds, 3),
@@ -219,23 +290,44 @@ class RegionNuclei:
         return out
 
 
-def segment_region(slide: Slide, x: int, y: int, width: int, height: int, *, mpp: float | None = None,
+def segment_region(slide: Slide, x: int = 0, y: int = 0, width: int | None = None, height: int | None = None, *,
+                   mpp: float | None = None,
                    backend: str = "classical", options: dict | None = None, tile_px: int = 1024,
-                   overlap_px: int = 96, progress: ProgressFn | None = None) -> RegionNuclei:
+                   overlap_px: int = 96, modality: str = "auto", channel: int | None = None,
+                   flatfield_um: float | None = None, progress: ProgressFn | None = None) -> RegionNuclei:
     """Segment nuclei in a slide region: (x, y) level-0 px, ``width x height`` px at ``mpp`` (default:
-    the slide's level-0 mpp). Returns labels, the RGB region and a morphometry table."""
+    the slide's level-0 mpp; ``width``/``height`` None = up to the right/bottom edge).
+    ``modality`` "he" | "fluorescence" | "auto"; fluorescence reads one
+    intensity channel (``channel``, default: the mean of the channels) in the file's own units;
+    ``flatfield_um`` divides it by its Gaussian blur of that scale (uneven illumination) before
+    segmenting (intensities in the table stay raw). Returns labels, the segmented region and a
+    morphometry table."""
+    import math
     import time
 
     base = slide.require_mpp()
     mpp = float(mpp or base)
-    rgb = slide.read_region_mpp(x, y, width, height, mpp)
+    W, H = slide.dimensions
+    if width is None:
+        width = max(1, math.ceil((W - x) * base / mpp))
+    if height is None:
+        height = max(1, math.ceil((H - y) * base / mpp))
+    modality = resolve_modality(slide, modality)
+    if modality == "fluorescence":
+        img = slide.read_intensity_mpp(x, y, width, height, mpp, channel)
+    else:
+        img = slide.read_region_mpp(x, y, width, height, mpp)
+    if flatfield_um is not None and modality != "fluorescence":
+        raise ToolError("flatfield_um applies to fluorescence images only.",
+                        hint="Leave flatfield_um out for H&E, or pass modality='fluorescence'.")
     t0 = time.perf_counter()
-    labels = segment_image(rgb, mpp=mpp, backend=backend, options=options, tile_px=tile_px, overlap_px=overlap_px,
-                           progress=progress)
+    seg_img = flat_field(img, flatfield_um / mpp) if flatfield_um is not None else img
+    labels = segment_image(seg_img, mpp=mpp, backend=backend, options=options, tile_px=tile_px, overlap_px=overlap_px,
+                           modality=modality, progress=progress)
     secs = time.perf_counter() - t0
     ds = mpp / base
-    table = morphometry(labels, rgb, mpp, offset_xy=(x, y), scale_to_level0=ds)
-    return RegionNuclei(labels, rgb, table, mpp, (int(x), int(y)), ds, secs)
+    table = morphometry(labels, img, mpp, offset_xy=(x, y), scale_to_level0=ds)
+    return RegionNuclei(labels, img, table, mpp, (int(x), int(y)), ds, secs, modality)
 
 
 def _slide_tile_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -246,12 +338,16 @@ def _slide_tile_job(job: dict[str, Any]) -> dict[str, Any]:
 
     slide = open_slide_path(job["abspath"], job.get("slide_mpp"))
     mpp, ds, core, m = job["mpp"], job["downsample"], job["tile_px"], job["overlap_px"]
-    seg = _segmenter(job["backend"], job.get("options"))
+    modality = job.get("modality", "he")
+    seg = _segmenter(job["backend"], job.get("options"), modality)
     tables, tiles = [], []
     for (tx, ty, tid) in job["tiles"]:
         wx, wy = tx - m * ds, ty - m * ds
         side = core + 2 * m
-        rgb = slide.read_region_ds(int(round(wx)), int(round(wy)), side, side, ds)
+        if modality == "fluorescence":
+            rgb = slide.read_intensity_ds(int(round(wx)), int(round(wy)), side, side, ds, job.get("channel"))
+        else:
+            rgb = slide.read_region_ds(int(round(wx)), int(round(wy)), side, side, ds)
         lab = seg.segment(rgb, mpp=mpp)
         df = morphometry(lab, rgb, mpp, offset_xy=(round(wx), round(wy)), scale_to_level0=ds)
         keep = (df["x"] >= tx) & (df["x"] < tx + core * ds) & (df["y"] >= ty) & (df["y"] < ty + core * ds)
@@ -291,8 +387,13 @@ def dedupe_centroids(table, min_dist_px0: float):
 def segment_slide(slide: Slide, *, mpp: float | None = None, tile_px: int = 1024, overlap_px: int = 64,
                   min_tissue_fraction: float = 0.05, backend: str = "classical", options: dict | None = None,
                   polygons: bool = False, max_tiles: int | None = None, workers: int | None = None,
+                  modality: str = "he", channel: int | None = None,
                   progress: ProgressFn | None = None) -> dict[str, Any]:
     """Nuclei of a whole slide (tissue tiles only), in parallel through the executor.
+
+    H&E slides are restricted to tissue tiles and densities are per mm² of tissue; fluorescence
+    images (``modality="fluorescence"`` or ``"auto"``) have no bright-field tissue/glass contrast, so
+    every tile is segmented and densities are per mm² of image.
 
     Returns ``{"table": DataFrame (one row per nucleus: level-0 centroid, µm morphometry, tile_id,
     optional polygon), "tiles": DataFrame (per-tile counts, density per mm²), "summary": dict}``.
@@ -308,7 +409,8 @@ def segment_slide(slide: Slide, *, mpp: float | None = None, tile_px: int = 1024
     base = slide.require_mpp()
     mpp = float(mpp or base)
     spec = resolve_spec(slide, tile_px, mpp=mpp)
-    tissue = segment_tissue(slide)
+    modality = resolve_modality(slide, modality)
+    tissue = whole_image_tissue(slide) if modality == "fluorescence" else segment_tissue(slide)
     grid = tile_grid(slide, spec, tissue_mask=tissue.mask, mask_downsample=tissue.downsample,
                      min_tissue_fraction=min_tissue_fraction, include_partial=True)
     if max_tiles is not None and len(grid) > max_tiles:
@@ -320,7 +422,8 @@ def segment_slide(slide: Slide, *, mpp: float | None = None, tile_px: int = 1024
     chunks = [tiles[i::n_workers * 4] for i in range(min(len(tiles), n_workers * 4))] or []
     jobs = [{"abspath": str(slide.path), "slide_mpp": slide.mpp if slide.mpp_source == "argument" else None,
              "mpp": mpp, "downsample": spec.downsample, "tile_px": tile_px, "overlap_px": overlap_px,
-             "backend": backend, "options": options, "tiles": ch, "polygons": polygons} for ch in chunks]
+             "backend": backend, "options": options, "tiles": ch, "polygons": polygons, "modality": modality,
+             "channel": channel} for ch in chunks]
     if n_workers == 1:
         results = []
         for k, j in enumerate(jobs):
@@ -348,9 +451,19 @@ def segment_slide(slide: Slide, *, mpp: float | None = None, tile_px: int = 1024
         tiles_df = tiles_df.merge(grid[["tile_id", "row", "col", "tissue_fraction"]], on="tile_id")
         tiles_df["density_per_mm2_tissue"] = tiles_df["n_nuclei"] / (tile_mm2 * tiles_df["tissue_fraction"].clip(lower=1e-6))
     summary = summarize(table, tissue.area_mm2)
-    summary["density_basis"] = "tissue area"
+    summary["density_basis"] = "image area" if modality == "fluorescence" else "tissue area"
+    summary["modality"] = modality
     mpx = len(grid) * tile_px**2 / 1e6
     summary.update({"n_tiles": int(len(grid)), "mpp": mpp, "tile_px": tile_px, "overlap_px": overlap_px,
                     "seconds": round(secs, 2), "megapixels": round(mpx, 2),
                     "megapixels_per_s": round(mpx / max(secs, 1e-9), 3), "duplicates_removed": n_before - len(table)})
     return {"table": table, "tiles": tiles_df, "summary": summary, "tissue": tissue}
+
+
+def whole_image_tissue(slide: Slide):
+    """A TissueResult covering the whole image (fluorescence: no tissue/glass contrast to threshold)."""
+    from servers.wsi.tissue import TissueResult
+
+    thumb, ds = slide.thumbnail(1024)
+    return TissueResult(mask=np.ones(thumb.shape[:2], bool), downsample=ds, mpp=slide.mpp, thumbnail=thumb,
+                        threshold=float("nan"))

@@ -20,12 +20,15 @@ mcp = create_server(
     "wsi",
     "Whole-slide image (histopathology) tools. Start with list_slides and slide_info (levels, mpp, "
     "objective). Coordinates are level-0 pixels (x = column, y = row); resolution is mpp (µm/px). "
+    "Nucleus tools handle H&E and fluorescence (grey/uint16 TIFF/PNG) images; load_annotations reads expert "
+    "annotations (ImageScope XML, DSB2018 masks, label images) with the same morphometry. "
     "Typical flow: tissue_segment → tile_slide → segment_nuclei / segment_nuclei_slide or tile_features "
     "→ cluster_tiles / tile_heatmap → export as GeoJSON (QuPath). Large results are saved as workspace "
     "artifacts (ids in the result). If a slide has no mpp in its metadata, pass mpp=.",
 )
 
 Mpp = Annotated[float | None, Field(description="µm per level-0 pixel; only needed when the slide's metadata lacks it", gt=0)]
+Modality = Literal["auto", "he", "fluorescence"]
 
 
 def _open(slide: str, mpp: float | None = None):
@@ -156,8 +159,8 @@ def read_region(slide: str, x: int, y: int, width: int, height: int, mpp: float 
 
 @mcp.tool
 async def tissue_segment(slide: str, ctx: Context, method: Literal["gray", "saturation", "od", "gray+saturation"] = "gray",
-                         mpp: Mpp = None, dilate_um: float = 25.0, min_piece_um2: float | None = None,
-                         max_hole_um2: float = 75_000.0) -> ToolResult:
+                         mpp: Mpp = None, close_um: float = 25.0, dilate_um: float = 0.0,
+                         min_piece_um2: float | None = None, max_hole_um2: float = 75_000.0) -> ToolResult:
     """Segment tissue vs glass on a thumbnail: pieces, holes, area in mm², tissue fraction; saves the
     mask (npy, thumbnail scale) and the contours as QuPath GeoJSON (level-0 px).
 
@@ -165,7 +168,10 @@ async def tissue_segment(slide: str, ctx: Context, method: Literal["gray", "satu
         slide: Path relative to the data root.
         method: 'gray' (Otsu on greyscale, default), 'saturation', 'od' (optical density) or 'gray+saturation'.
         mpp: µm per level-0 pixel if the slide's metadata lacks it (needed for mm²).
-        dilate_um: Dilation radius in µm that closes small gaps.
+        close_um: Radius in µm of the morphological closing (dilate then erode) that joins tissue
+            fragments across gaps up to ~2x this wide; area-neutral (outlines do not grow).
+        dilate_um: Extra outward growth of every piece in µm (default 0 = report the detected area;
+            25 reproduces histolab's TissueMask convention, which adds a rim and inflates areas).
         min_piece_um2: Pieces smaller than this (µm²) are dropped (default 75,000 or 1% of the slide).
         max_hole_um2: Holes smaller than this (µm²) are filled.
     """
@@ -173,9 +179,9 @@ async def tissue_segment(slide: str, ctx: Context, method: Literal["gray", "satu
     from servers.wsi.tissue import overlay_png, segment_tissue
 
     s = _open(slide, mpp)
-    res = await run_blocking(ctx, segment_tissue, s, method=method, dilate_um=dilate_um,
+    res = await run_blocking(ctx, segment_tissue, s, method=method, close_um=close_um, dilate_um=dilate_um,
                              min_piece_um2=min_piece_um2, max_hole_um2=max_hole_um2)
-    prov = _prov("tissue_segment", slide=slide, method=method, dilate_um=dilate_um)
+    prov = _prov("tissue_segment", slide=slide, method=method, close_um=close_um, dilate_um=dilate_um)
     ws = _ws()
     m = ws.save_array(res.mask.astype("uint8"), kind="mask", name="tissue_mask", provenance=prov,
                       meta={"slide": slide, "downsample": res.downsample})
@@ -384,20 +390,29 @@ def _seg_options(backend: str, weights: str | None, options: dict | None) -> dic
 
 
 @mcp.tool
-async def segment_nuclei(slide: str, x: int, y: int, width: int, height: int, ctx: Context,
-                         mpp: float | None = None, backend: str = "classical", weights: str | None = None,
+async def segment_nuclei(slide: str, ctx: Context, x: int = 0, y: int = 0, width: int | None = None,
+                         height: int | None = None, mpp: float | None = None, backend: str = "classical", weights: str | None = None,
                          options: dict | None = None, slide_mpp: Mpp = None, tile_px: int = 1024,
-                         overlap_px: int = 96) -> ToolResult:
-    """Nucleus instance segmentation of a slide region (tiled with stitching across tile borders) and
-    per-nucleus morphometry: area µm², perimeter µm, eccentricity, solidity, convex area, circularity,
-    hematoxylin OD. Saves labels (tiff), the table (parquet) and nuclei GeoJSON (QuPath detections).
+                         overlap_px: int = 96, modality: Modality = "auto", channel: int | None = None,
+                         flatfield_um: float | None = None) -> ToolResult:
+    """Nucleus instance segmentation of a slide region or a whole image (tiled with stitching across
+    tile borders) and per-nucleus morphometry: area µm² (and px), perimeter µm, equivalent diameter µm,
+    eccentricity, solidity, convex area, circularity, hematoxylin OD (H&E) or mean intensity. Works on
+    H&E (RGB) and on fluorescence images (grey/uint16/multi-channel TIFF or PNG, bright nuclei on a
+    dark background; modality='auto' tells them apart). The result gives n_nuclei, density_per_mm2,
+    mean/median/max area, mean equivalent diameter and nuclear_area_fraction of the region. Saves
+    labels (tiff), the table (parquet) and nuclei GeoJSON (QuPath detections).
+
+    Leave x, y, width, height out to segment a whole (plain) image. TIFFs calibrated in cm/inch/µm
+    give mpp themselves; otherwise pass slide_mpp (slide_mpp=1 with an
+    uncalibrated image gives pixel units — read mean_area_px / area_px then).
 
     Args:
         slide: Path relative to the data root (a MoNuSeg-style .tif works with slide_mpp).
-        x: Left edge, level-0 px.
-        y: Top edge, level-0 px.
-        width: Width in pixels at mpp.
-        height: Height in pixels at mpp.
+        x: Left edge, level-0 px (default 0).
+        y: Top edge, level-0 px (default 0).
+        width: Width in pixels at mpp (default: to the right edge of the image).
+        height: Height in pixels at mpp (default: to the bottom edge of the image).
         mpp: Resolution to segment at in µm/px (default: the slide's level 0).
         backend: 'classical' (no weights; hematoxylin threshold + watershed), 'unet', 'cellpose', 'stardist'.
         weights: Local weights path under the data root for model backends.
@@ -405,6 +420,12 @@ async def segment_nuclei(slide: str, x: int, y: int, width: int, height: int, ct
         slide_mpp: µm per level-0 pixel if the metadata lacks it.
         tile_px: Tile side for stitched processing.
         overlap_px: Context margin around each tile (≥ a nucleus diameter).
+        modality: 'he' (RGB H&E, hematoxylin), 'fluorescence' (one intensity channel, bright nuclei on
+            dark; raw values are kept, e.g. 16-bit) or 'auto' (fluorescence for grey/multi-channel
+            images with a dark background, else H&E).
+        channel: Fluorescence channel of a multi-channel image (0-based); default: the channel mean.
+        flatfield_um: Fluorescence only: correct uneven illumination (dim corners/sides) first by
+            dividing by a Gaussian blur of this scale in µm (several nucleus diameters, e.g. 20).
     """
     from servers.common.images import overlay_labels
     from servers.wsi.export import nuclei_geojson
@@ -413,9 +434,10 @@ async def segment_nuclei(slide: str, x: int, y: int, width: int, height: int, ct
     s = _open(slide, slide_mpp)
     opts = _seg_options(backend, weights, options)
     res = await run_blocking(ctx, segment_region, s, x, y, width, height, mpp=mpp, backend=backend, options=opts,
-                             tile_px=tile_px, overlap_px=overlap_px)
+                             tile_px=tile_px, overlap_px=overlap_px, modality=modality, channel=channel,
+                             flatfield_um=flatfield_um)
     prov = _prov("segment_nuclei", slide=slide, x=x, y=y, width=width, height=height, mpp=mpp, backend=backend,
-                 options=options)
+                 options=options, modality=res.modality, channel=channel, flatfield_um=flatfield_um)
     ws = _ws()
     lab = ws.save_array(res.labels, kind="labels", name="nuclei", fmt="tiff", provenance=prov,
                         meta={"slide": slide, "mpp": res.mpp, "origin_level0": list(res.origin)})
@@ -434,7 +456,8 @@ async def segment_nuclei(slide: str, x: int, y: int, width: int, height: int, ct
 async def segment_nuclei_slide(slide: str, ctx: Context, mpp: float | None = None, tile_px: int = 1024,
                                overlap_px: int = 64, min_tissue_fraction: float = 0.05, backend: str = "classical",
                                weights: str | None = None, options: dict | None = None, polygons: bool = True,
-                               max_tiles: int = 5000, workers: int = 1, slide_mpp: Mpp = None) -> ToolResult:
+                               max_tiles: int = 5000, workers: int = 1, slide_mpp: Mpp = None,
+                               modality: Modality = "auto", channel: int | None = None) -> ToolResult:
     """Nuclei of a whole slide: tissue tiles segmented in parallel with stitching; saves a nucleus
     table (level-0 centroids, µm morphometry, tile_id, outlines), a per-tile table (count, density per
     mm² of tissue), nuclei GeoJSON, and returns a density heatmap.
@@ -452,6 +475,8 @@ async def segment_nuclei_slide(slide: str, ctx: Context, mpp: float | None = Non
         max_tiles: Refuse slides with more tissue tiles than this.
         workers: Parallel worker processes.
         slide_mpp: µm per level-0 pixel if the metadata lacks it.
+        modality: 'he', 'fluorescence' (every tile is segmented, density per mm² of image) or 'auto'.
+        channel: Fluorescence channel of a multi-channel image (0-based); default: the channel mean.
     """
     from servers.wsi.export import nuclei_geojson
     from servers.wsi.heatmap import heatmap_png, value_grid
@@ -461,8 +486,10 @@ async def segment_nuclei_slide(slide: str, ctx: Context, mpp: float | None = Non
     opts = _seg_options(backend, weights, options)
     res = await run_blocking(ctx, segment_slide, s, mpp=mpp, tile_px=tile_px, overlap_px=overlap_px,
                              min_tissue_fraction=min_tissue_fraction, backend=backend, options=opts,
-                             polygons=polygons, max_tiles=max_tiles, workers=max(1, min(int(workers), 16)))
-    prov = _prov("segment_nuclei_slide", slide=slide, mpp=mpp, tile_px=tile_px, backend=backend, options=options)
+                             polygons=polygons, max_tiles=max_tiles, workers=max(1, min(int(workers), 16)),
+                             modality=modality, channel=channel)
+    prov = _prov("segment_nuclei_slide", slide=slide, mpp=mpp, tile_px=tile_px, backend=backend, options=options,
+                 modality=modality, channel=channel)
     ws = _ws()
     table, tiles = res["table"], res["tiles"]
     tab = ws.save_table(table, name="nuclei_slide", provenance=prov, meta={"slide": slide})
@@ -476,6 +503,54 @@ async def segment_nuclei_slide(slide: str, ctx: Context, mpp: float | None = Non
         g = tiles.assign(size0=int(round(tile_px * (res["summary"]["mpp"] / s.mpp))))
         field = value_grid(g, g["density_per_mm2_tissue"], tissue.thumbnail.shape, tissue.downsample)
         images.append(heatmap_png(tissue.thumbnail, field, title="nuclei per mm² of tissue", cmap="magma"))
+    return tool_result(summary, images=images)
+
+
+@mcp.tool
+async def load_annotations(annotation: str, ctx: Context, image: str | None = None, mpp: float | None = None,
+                           channel: int | None = None, preview: bool = True) -> ToolResult:
+    """Read expert (ground-truth) annotations of nuclei/cells into an instance label image and measure
+    every annotated object exactly like segment_nuclei does (area µm² and px, perimeter, equivalent
+    diameter, eccentricity, solidity, circularity, mean intensity / hematoxylin OD). Use it to answer
+    questions about the annotations themselves (how many annotated nuclei, their mean area, the
+    annotated nuclear area fraction) or to compare a segmentation with the truth.
+
+    Formats: Aperio ImageScope XML (MoNuSeg; one Region polygon per nucleus, rasterised at the size of
+    the annotated image — a sibling file with the same stem is used unless image= is given), a Data
+    Science Bowl 2018 sample folder (<id>/masks/*.png, one mask per nucleus), or a label image
+    (.tif/.png/.npy, 0 = background). Saves the labels (tiff) and the table (parquet).
+
+    Args:
+        annotation: Path relative to the data root: an .xml file, a DSB2018 sample folder, or a label image.
+        image: The annotated image (relative to the data root), for size, intensities and the overlay.
+        mpp: µm per pixel (MoNuSeg 40x: 0.2525). Default: the image's calibration; without either,
+            sizes are reported in pixels only.
+        channel: Channel of a multi-channel fluorescence image for mean intensities.
+        preview: Return an overlay PNG of the annotation outlines.
+
+    Returns:
+        n_annotations (objects in the file), n_objects (with pixels), mean/median/max area, mean
+        equivalent diameter, nuclear_area_fraction, density_per_mm2 (with mpp), labels_artifact,
+        table_artifact.
+    """
+    from servers.common.images import overlay_labels
+    from servers.common.paths import resolve_data_path
+    from servers.wsi.annotated import load_annotations as _load
+
+    ann = resolve_data_path(annotation)
+    img = resolve_data_path(image) if image else None
+    res = await run_blocking(ctx, _load, ann, image=img, mpp=mpp, channel=channel)
+    prov = _prov("load_annotations", annotation=annotation, image=image, mpp=mpp)
+    ws = _ws()
+    lab = ws.save_array(res.labels, kind="labels", name="annotations", fmt="tiff", provenance=prov,
+                        meta={"annotation": annotation, "mpp": res.mpp})
+    tab = ws.save_table(res.table, name="annotations", provenance=prov, meta={"annotation": annotation, "mpp": res.mpp})
+    summary = {"annotation": annotation, **res.summary(), "labels_artifact": lab.id, "table_artifact": tab.id,
+               "first_objects": _inline(res.table, 5)}
+    images = []
+    if preview:
+        base = res.image if res.image is not None else (res.labels > 0).astype("uint8") * 255
+        images.append(overlay_labels(base, res.labels))
     return tool_result(summary, images=images)
 
 

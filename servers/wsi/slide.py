@@ -68,6 +68,7 @@ class Slide:
     associated_images: list[str] | None = None
     _osr: Any = None  # openslide.OpenSlide
     _array: np.ndarray | None = None  # plain images: the RGB array
+    _raw: np.ndarray | None = None  # plain images that are not 8-bit RGB: original values, (H, W) or (H, W, C)
 
     # -- metadata ------------------------------------------------------------------------------
     @property
@@ -107,6 +108,8 @@ class Slide:
             "levels": levels,
             "mpp": self.mpp,
             "mpp_source": self.mpp_source,
+            "dtype": self.raw_dtype,
+            "channels": self.n_channels,
             "objective_power": self.objective_power,
             "vendor": self.vendor,
             "associated_images": self.associated_images or [],
@@ -148,6 +151,55 @@ class Slide:
         y1, x1 = min(H, int(y) + int(height)), min(W, int(x) + int(width))
         out[y0 - int(y): y1 - int(y), x0 - int(x): x1 - int(x)] = arr[y0:y1, x0:x1]
         return out
+
+    @property
+    def n_channels(self) -> int:
+        """Channels of the stored pixel values: 1 for grey images, C for multi-channel TIFFs, 3 for RGB."""
+        if self._raw is not None:
+            return 1 if self._raw.ndim == 2 else int(self._raw.shape[2])
+        return 3
+
+    @property
+    def raw_dtype(self) -> str:
+        return str(self._raw.dtype) if self._raw is not None else "uint8"
+
+    def read_intensity_ds(self, x: int, y: int, width: int, height: int, downsample: float = 1.0,
+                          channel: int | None = None) -> np.ndarray:
+        """One intensity channel as float32 (height, width) in the file's own units (e.g. uint16
+        counts), for fluorescence analysis. ``channel`` picks a channel (0-based); None averages the
+        channels (grey images have one). Plain images use their original values (not the 8-bit
+        display copy); whole-slide files use the RGB pixels. Outside the image reads as 0 (dark)."""
+        n = self.n_channels
+        if channel is not None and not 0 <= int(channel) < n:
+            raise ToolError(f"channel={channel} does not exist; {self.path.name} has {n} channel(s).",
+                            hint=f"Pass channel in 0..{n - 1}, or leave it out to average the channels.")
+        if self._raw is None:
+            rgb = self.read_region_ds(x, y, width, height, downsample).astype(np.float32)
+            return rgb[..., int(channel)] if channel is not None else rgb.mean(axis=2)
+        if downsample <= 0:
+            raise ToolError(f"downsample must be > 0, got {downsample}.")
+        check_region_size(int(width), int(height))
+        W, H = self.dimensions
+        rw, rh = int(math.ceil(width * downsample)), int(math.ceil(height * downsample))
+        check_region_size(rw, rh, what="read behind this region")
+        raw = self._raw if self._raw.ndim == 2 else (
+            self._raw[..., int(channel)] if channel is not None else self._raw.astype(np.float32).mean(axis=2))
+        out = np.zeros((rh, rw), np.float32)
+        y0, x0 = max(0, int(y)), max(0, int(x))
+        y1, x1 = min(H, int(y) + rh), min(W, int(x) + rw)
+        if y1 <= y0 or x1 <= x0:
+            raise ToolError(f"Region at x={x}, y={y} lies outside the image ({W}x{H} px).",
+                            hint="Pass x in [0, width) and y in [0, height) in level-0 pixel coordinates.")
+        out[y0 - int(y): y1 - int(y), x0 - int(x): x1 - int(x)] = raw[y0:y1, x0:x1]
+        return resize(out, int(width), int(height))
+
+    def read_intensity_mpp(self, x: int, y: int, width: int, height: int, mpp: float,
+                           channel: int | None = None) -> np.ndarray:
+        """:meth:`read_intensity_ds` at ``mpp`` µm/px."""
+        base = self.require_mpp()
+        if not (mpp and mpp > 0) or mpp < base * 0.999:
+            raise ToolError(f"mpp must be >= the scan's {base} µm/px, got {mpp!r}.", hint=f"Pass mpp >= {base}.")
+        return self.read_intensity_ds(x, y, width, height, mpp / base, channel)
 
     def best_level(self, downsample: float) -> int:
         """The coarsest level whose downsample is <= ``downsample`` (so we never upsample)."""
@@ -306,28 +358,71 @@ def _open_openslide(path: Path, mpp: float | None) -> Slide:
     )
 
 
+def tiff_mpp(path: Path) -> float | None:
+    """µm per pixel from a TIFF's resolution tags (centimetre or inch units, or ImageJ 'micron'),
+    or None when absent or implausible (the common 72 dpi default means no calibration)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            tags = tf.pages[0].tags
+            xres = tags.get("XResolution")
+            unit = tags.get("ResolutionUnit")
+            ij_unit = (tf.imagej_metadata or {}).get("unit")
+            if xres is None:
+                return None
+            num, den = xres.value if isinstance(xres.value, tuple) else (xres.value, 1)
+            px_per_unit = float(num) / float(den or 1)
+            u = int(unit.value) if unit is not None else 1
+    except Exception:  # noqa: BLE001 - unreadable tags simply mean "no calibration"
+        return None
+    if px_per_unit <= 0:
+        return None
+    if u == 3:
+        mpp = 1e4 / px_per_unit
+    elif u == 2:
+        mpp = 25_400 / px_per_unit
+    elif ij_unit in ("micron", "um", "µm"):
+        mpp = 1.0 / px_per_unit
+    else:
+        return None
+    return mpp if 0.01 <= mpp <= 50 else None
+
+
 def _open_plain(path: Path, mpp: float | None) -> Slide:
     limit = _max_pixels()
+    meta_mpp = None
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 
             arr = tifffile.imread(path)
+            meta_mpp = tiff_mpp(path)
         else:
             from PIL import Image
 
             Image.MAX_IMAGE_PIXELS = limit
             with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"))
+                if im.mode in ("L", "I", "I;16", "I;16B", "I;16L", "F"):
+                    arr = np.asarray(im)  # one channel: keep the values (fluorescence)
+                else:
+                    arr = np.asarray(im.convert("RGB"))
     except Exception as e:  # noqa: BLE001 - any decoder failure means "not an image we can read"
         raise ToolError(f"Cannot read {path.name} as a slide or an image: {type(e).__name__}: {e}.",
                         hint="Pass an OpenSlide format (SVS, NDPI, MRXS, tiled TIFF, ...) or a PNG/JPEG/TIFF image; "
                              "the file may be truncated or corrupt.") from None
-    arr = np.asarray(arr)
-    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (3, 4):
+    arr = np.squeeze(np.asarray(arr))
+    if arr.ndim == 3 and arr.shape[0] <= 8 and arr.shape[2] > 8:  # channel-first (C, H, W)
         arr = np.moveaxis(arr, 0, -1)
+    raw = None
+    if arr.ndim == 2 or (arr.ndim == 3 and (arr.shape[2] != 3 or arr.dtype != np.uint8)):
+        raw = np.ascontiguousarray(arr)  # grey / multi-channel / >8-bit: keep the measured values
+        if arr.ndim == 3 and arr.shape[2] == 4 and arr.dtype == np.uint8:
+            raw = None  # RGBA: an RGB image with alpha
+        elif arr.ndim == 3 and arr.shape[2] != 3:
+            arr = arr[..., :3] if arr.shape[2] > 3 else arr.astype(np.float32).mean(axis=2)
     if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
+        arr = np.repeat(to_uint8_display(arr)[..., None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] < 3:
         raise ToolError(f"{path.name} is not an RGB or grey image (shape {arr.shape}).",
                         hint="Pass an RGB H&E image or a whole-slide file.")
@@ -340,9 +435,23 @@ def _open_plain(path: Path, mpp: float | None) -> Slide:
         arr = to_uint8(arr[..., :3])
     arr = np.ascontiguousarray(arr[..., :3])
     h, w = arr.shape[:2]
+    if mpp is not None:
+        use, src = float(mpp), "argument"
+    elif meta_mpp is not None:
+        use, src = float(meta_mpp), "metadata"
+    else:
+        use, src = None, "none"
     return Slide(path=path, backend="image", level_dimensions=[(w, h)], level_downsamples=[1.0],
-                 mpp=float(mpp) if mpp is not None else None, mpp_source="argument" if mpp is not None else "none",
-                 _array=arr)
+                 mpp=use, mpp_source=src, _array=arr, _raw=raw)
+
+
+def to_uint8_display(grey: np.ndarray) -> np.ndarray:
+    """8-bit display copy of a one-channel image (uint8 unchanged; else a 1-99 % percentile stretch)."""
+    if grey.dtype == np.uint8:
+        return grey
+    from servers.common.images import to_uint8
+
+    return to_uint8(grey)
 
 
 def open_slide_path(path: str | os.PathLike, mpp: float | None = None) -> Slide:
