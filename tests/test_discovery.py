@@ -109,3 +109,29 @@ async def test_claude_config_starts_every_server(tmp_path):
         async with Client(t, timeout=120) as c:
             tools = await c.list_tools()
             assert len(tools) >= 3, key
+
+
+async def test_serve_over_streamable_http(dropin_dir):
+    """`cytoagent serve NAME --transport http` answers MCP at /mcp on loopback."""
+    import asyncio
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cytoagent", "serve", "greeter", "--transport", "http",
+                             "--port", str(port)], env=server_env(CYTOAGENT_SERVER_PATH=str(dropin_dir)),
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}/mcp"
+        for _ in range(150):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                await asyncio.sleep(0.1)
+        async with Client(url, timeout=30) as c:
+            assert (await c.call_tool("greet", {"name": "web"})).data == "HELLO WEB"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
