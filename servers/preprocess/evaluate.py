@@ -344,6 +344,10 @@ def evaluation_preview(task: Task, ev: Evaluation, max_images: int = 3) -> bytes
         else:
             rgb[boundaries(pred)] = (255, 255, 0)
         tiles.append(rgb)
+    # small tiles (the smFISH task uses ~110 px tiles) are enlarged so a person can see the marks
+    k = max(1, 300 // max(t.shape[0] for t in tiles))
+    if k > 1:
+        tiles = [t.repeat(k, axis=0).repeat(k, axis=1) for t in tiles]
     h = max(t.shape[0] for t in tiles)
     canvas = np.zeros((h, sum(t.shape[1] for t in tiles) + 4 * (len(tiles) - 1), 3), np.uint8)
     x = 0
