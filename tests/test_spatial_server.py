@@ -25,7 +25,7 @@ async def test_tools_listed(mcp_client):
     assert {"load_dataset", "dataset_summary", "composition", "gate_phenotypes", "cluster_cells", "spatial_graph",
             "neighborhood_enrichment", "co_occurrence", "ripley", "spatial_autocorrelation",
             "nearest_neighbor_distances", "cell_density", "cellular_neighborhoods", "distance_to_region",
-            "plot_spatial", "list_artifacts"} <= names
+            "plot_spatial", "list_artifacts", "group_statistics", "transcript_counts"} <= names
 
 
 async def test_workflow_on_segregated_tissue(mcp_client, seg_table):

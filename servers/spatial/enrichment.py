@@ -67,7 +67,19 @@ class Enrichment:
             "most_enriched": t.sort_values("zscore", ascending=False).head(top)[cols].round(3).to_dict("records"),
             "most_depleted": t.sort_values("zscore").head(top)[cols].round(3).to_dict("records"),
             "self_enrichment": {c: _r(self.zscore[i, i]) for i, c in enumerate(self.categories)},
+            "self_enrichment_call": {c: call(self.zscore[i, i]) for i, c in enumerate(self.categories)},
+            "call_threshold_z": Z_CALL,
         }
+
+
+Z_CALL = 1.96  # |z| for a two-sided 5 % call
+
+
+def call(z: float, threshold: float = Z_CALL) -> str:
+    """``enriched`` (z >= threshold), ``depleted`` (z <= -threshold), else ``not significant`` (or ``undefined``)."""
+    if not np.isfinite(z):
+        return "undefined"
+    return "enriched" if z >= threshold else ("depleted" if z <= -threshold else "not significant")
 
 
 def _r(v: float) -> float | None:

@@ -214,8 +214,11 @@ def pca(adata: AnnData, n_comps: int = 20, seed: int = 0) -> np.ndarray:
 
 
 def cluster(adata: AnnData, n_clusters: int = 8, use_rep: str = "X_pca", method: str = "kmeans",
-            key_added: str = "cluster", seed: int = 0) -> pd.DataFrame:
-    """Cluster cells on ``obsm[use_rep]`` (or ``X``): ``kmeans`` (sklearn) or ``leiden`` (scanpy; needs leidenalg).
+            key_added: str = "cluster", seed: int = 0, resolution: float = 1.0,
+            n_neighbors: int = 15) -> pd.DataFrame:
+    """Cluster cells on ``obsm[use_rep]`` (or ``X``): ``kmeans`` (sklearn, ``n_clusters``) or ``leiden``
+    (scanpy's kNN graph with ``n_neighbors`` + ``sc.tl.leiden`` igraph flavour at ``resolution``;
+    needs leidenalg + igraph; the number of clusters follows from the resolution — higher, more).
 
     Returns counts per cluster; labels in ``obs[key_added]`` (categorical, '0', '1', …).
     """
@@ -234,11 +237,16 @@ def cluster(adata: AnnData, n_clusters: int = 8, use_rep: str = "X_pca", method:
         try:
             import scanpy as sc
 
-            sc.pp.neighbors(adata, use_rep=use_rep if use_rep != "X" else None, random_state=seed)
-            sc.tl.leiden(adata, key_added=key_added, random_state=seed, flavor="igraph", n_iterations=2)
+            if not resolution > 0 or int(n_neighbors) < 2:
+                raise ToolError(f"Leiden needs resolution > 0 and n_neighbors >= 2; got {resolution}, {n_neighbors}.")
+            sc.pp.neighbors(adata, n_neighbors=int(min(n_neighbors, adata.n_obs - 1)),
+                            use_rep=use_rep if use_rep != "X" else None, random_state=seed)
+            sc.tl.leiden(adata, key_added=key_added, random_state=seed, flavor="igraph", n_iterations=2,
+                         resolution=float(resolution))
             lab = adata.obs[key_added].astype(int).to_numpy()
         except ImportError as e:
-            raise ToolError(f"Leiden clustering is unavailable here ({e}).", hint="Use method='kmeans'.") from None
+            raise ToolError(f"Leiden clustering is unavailable here ({e}).",
+                            hint="Install the spatial extra's leidenalg + igraph, or use method='kmeans'.") from None
     else:
         raise ToolError(f"Unknown clustering method {method!r}.", hint="Use 'kmeans' or 'leiden'.")
     cats = [str(c) for c in sorted(set(int(x) for x in lab))]

@@ -24,6 +24,12 @@ COSMX_MPP = 0.12028  # µm per pixel of CosMx SMI cameras (NanoString; newer ins
 _NEG_PATTERNS = re.compile(r"^(NegPrb|Negative|SystemControl|FalseCode|NegControl|BLANK|Blank-|Unassigned|"
                            r"DeprecatedCodeword|GenomicControl|IntergenicRegion|antisense)", re.IGNORECASE)
 FORMATS = ("auto", "h5ad", "table", "cosmx", "xenium", "merfish")
+# transcript tables of each platform (first match wins)
+TX_PATTERNS = {
+    "cosmx": ("*tx_file.csv", "*tx_file.csv.gz", "*_tx_file*"),
+    "xenium": ("transcripts.parquet", "transcripts.csv.gz", "transcripts.csv"),
+    "merfish": ("*detected_transcripts*.csv*", "*detected_transcripts*.parquet"),
+}
 
 
 def is_control_feature(name: str) -> bool:
@@ -34,14 +40,21 @@ def is_control_feature(name: str) -> bool:
 # -- generic tables -----------------------------------------------------------------------------
 
 
-def _read_df(path: Path, **kw) -> pd.DataFrame:
+def _read_df(path: Path, only: set[str] | None = None, **kw) -> pd.DataFrame:
+    """Read a CSV/TSV/Parquet table; ``only``: read just these columns where present (faster)."""
     import pandas as pd
 
     name = path.name.lower()
     try:
         if name.endswith(".parquet") or name.endswith(".pq"):
+            if only is not None:
+                import pyarrow.parquet as pq
+
+                kw["columns"] = [c for c in pq.read_schema(path).names if c in only]
             return pd.read_parquet(path, **kw)
         sep = "\t" if name.endswith((".tsv", ".tsv.gz", ".txt")) else ","
+        if only is not None:
+            kw["usecols"] = lambda c: c in only
         return pd.read_csv(path, sep=sep, **kw)
     except ToolError:
         raise
@@ -264,8 +277,7 @@ def read_cosmx(folder: str | Path, *, mpp: float = COSMX_MPP, tx_file: str | Non
     folder = Path(folder)
     if not folder.is_dir():
         raise ToolError(f"{folder.name} is not a folder.", hint="Pass the CosMx flat-file folder.")
-    txp = folder / tx_file if tx_file else _find_one(folder, ("*tx_file.csv", "*tx_file.csv.gz", "*_tx_file*"),
-                                                       "transcript file (*_tx_file.csv)")
+    txp = folder / tx_file if tx_file else _find_one(folder, TX_PATTERNS["cosmx"], "transcript file (*_tx_file.csv)")
     tx = _read_df(txp)
     _require_cols(tx, {"fov": "fov", "cell_ID": "cell_ID", "target": "target", "x_local_px": "x_local_px",
                        "y_local_px": "y_local_px"}, f"CosMx transcripts {txp.name}")
@@ -428,7 +440,7 @@ def read_xenium(folder: str | Path, *, min_qv: float = 20.0, use_transcripts: bo
     obs.index.name = None
     if "cell_area" in obs:
         obs["area_um2"] = obs["cell_area"].astype(float)
-    tp = _find_one(folder, ("transcripts.parquet", "transcripts.csv.gz", "transcripts.csv"), "transcripts",
+    tp = _find_one(folder, TX_PATTERNS["xenium"], "transcripts",
                    required=False) if use_transcripts else None
     if tp is not None:
         tx = _read_df(tp)
@@ -503,6 +515,118 @@ def read_merfish(folder: str | Path, *, cell_by_gene: str | None = None, cell_me
     ad.uns["merfish"] = {"cell_by_gene": cbg.name, "cell_metadata": meta.name,
                          "n_dropped_unmatched": int(max(len(counts), len(md)) - len(common))}
     return ad
+
+
+# -- transcript tables -------------------------------------------------------------------------
+
+TX_COLUMNS = ("fov", "gene", "cell", "in_cell", "is_control")
+
+
+def find_transcripts(folder: str | Path, fmt: str = "auto") -> tuple[str, Path]:
+    """The platform (``cosmx``/``xenium``/``merfish``) and transcript file of an output folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ToolError(f"{folder.name} is not a folder.",
+                        hint="Pass a CosMx / Xenium / MERFISH output folder (the one holding the transcript table).")
+    if fmt not in ("auto", *TX_PATTERNS):
+        raise ToolError(f"No transcript table for format {fmt!r}.", hint=f"Use one of: auto, {', '.join(TX_PATTERNS)}.")
+    for name in (TX_PATTERNS if fmt == "auto" else (fmt,)):
+        hit = _find_one(folder, TX_PATTERNS[name], "transcript table", required=False)
+        if hit is not None:
+            return name, hit
+    names = ", ".join(sorted(p.name for p in folder.iterdir())[:20])
+    looked = ", ".join(p for k in (TX_PATTERNS if fmt == "auto" else (fmt,)) for p in TX_PATTERNS[k])
+    raise ToolError(f"No transcript table in {folder.name} (looked for {looked}).",
+                    hint=f"Files there: {names or '(none)'}. Pass the output folder that holds the per-transcript "
+                         "table (CosMx *_tx_file.csv, Xenium transcripts.parquet/.csv.gz, MERFISH "
+                         "detected_transcripts.csv).")
+
+
+def _categorical(values, keep: np.ndarray | None = None):
+    """Text categorical of ``values`` (ids decoded from bytes, categories sorted), ``<NA>`` where not ``keep``."""
+    import pandas as pd
+
+    codes, uniq = pd.factorize(np.asarray(values), sort=True)
+    cats = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in uniq]
+    if len(set(cats)) != len(cats):  # e.g. 5 and "5": merge them
+        return pd.Categorical([cats[c] if c >= 0 else None for c in codes]) if keep is None else \
+            pd.Categorical([cats[c] if c >= 0 and k else None for c, k in zip(codes, keep, strict=True)])
+    if keep is not None:
+        codes = np.where(keep, codes, -1)
+    return pd.Categorical.from_codes(codes, categories=cats)
+
+
+def read_transcripts(folder: str | Path, fmt: str = "auto", *, min_qv: float | None = 20.0
+                     ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """One row per transcript in a common layout, from a CosMx / Xenium / MERFISH output folder.
+
+    Columns: ``fov`` (CosMx/MERFISH ``fov``, Xenium ``fov_name``; ``None`` when absent), ``gene``
+    (categorical: CosMx ``target``, Xenium ``feature_name``, MERFISH ``gene``), ``cell`` (categorical
+    cell id — CosMx ``"{fov}_{cell_ID}"`` as ``read_cosmx`` names cells — ``NaN`` outside cells),
+    ``in_cell`` (CosMx ``cell_ID > 0``; Xenium ``cell_id`` not ``UNASSIGNED``/-1; MERFISH
+    ``cell_id`` not -1), ``is_control`` (negative probes / blanks, see ``is_control_feature``).
+
+    Args:
+        folder: Output folder.
+        fmt: ``auto`` (from the files present), ``cosmx``, ``xenium`` or ``merfish``.
+        min_qv: Xenium only: drop transcripts with ``qv`` below this (as ``read_xenium``); None keeps all.
+
+    Returns:
+        The table and info ``{format, file, n_raw, n_dropped_low_qv, has_fov, has_cells}``.
+    """
+    import pandas as pd
+
+    name, path = find_transcripts(folder, fmt)
+    raw = _read_df(path, only={"fov", "cell_ID", "target", "cell_id", "feature_name", "qv", "fov_name", "gene"})
+    info: dict[str, Any] = {"format": name, "file": path.name, "n_raw": int(len(raw)), "n_dropped_low_qv": 0}
+    unassigned = {"UNASSIGNED", "-1", "", "nan", "None", "<NA>"}
+    fov = None
+    if name == "cosmx":
+        _require_cols(raw, {"fov": "fov", "cell_ID": "cell_ID", "target": "target"}, f"CosMx transcripts {path.name}")
+        fov = raw["fov"].to_numpy(np.int64)
+        cid = raw["cell_ID"].to_numpy(np.int64)
+        in_cell = cid > 0
+        m = int(cid.max()) + 1 if len(cid) else 1
+        codes, uniq = pd.factorize(fov * m + cid, sort=True)
+        cats = [f"{k // m}_{k % m}" for k in uniq]
+        cell = pd.Categorical.from_codes(np.where(in_cell, codes, -1), categories=cats)
+        gene_col = raw["target"]
+    elif name == "xenium":
+        _require_cols(raw, {"cell_id": "cell_id", "feature_name": "feature_name"}, f"Xenium {path.name}")
+        if min_qv is not None and "qv" in raw:
+            keep = raw["qv"].to_numpy() >= min_qv
+            info["n_dropped_low_qv"] = int((~keep).sum())
+            raw = raw[keep].reset_index(drop=True)
+        ids = _categorical(raw["cell_id"])
+        in_cell = ~np.isin(np.asarray(ids.categories, dtype=object), list(unassigned))[ids.codes] & (ids.codes >= 0)
+        cell = _categorical(raw["cell_id"], in_cell)
+        gene_col = raw["feature_name"]
+        if "fov_name" in raw:
+            fov = np.asarray(_categorical(raw["fov_name"]).astype(object))
+    else:  # merfish / Vizgen detected_transcripts
+        _require_cols(raw, {"gene": "gene"}, f"MERFISH {path.name}")
+        if "fov" in raw:
+            fov = raw["fov"].to_numpy(np.int64)
+        if "cell_id" in raw:
+            ids = _categorical(raw["cell_id"])
+            in_cell = ~np.isin(np.asarray(ids.categories, dtype=object), list(unassigned))[ids.codes] & (ids.codes >= 0)
+            cell = _categorical(raw["cell_id"], in_cell)
+        else:
+            in_cell = np.zeros(len(raw), bool)
+            cell = pd.Categorical.from_codes(np.full(len(raw), -1), categories=[])
+        gene_col = raw["gene"]
+    genes = _categorical(gene_col)
+    ctrl_cats = np.array([is_control_feature(g) for g in genes.categories], bool)
+    out = pd.DataFrame({
+        "fov": fov,
+        "gene": genes,
+        "cell": cell,
+        "in_cell": np.asarray(in_cell, bool),
+        "is_control": ctrl_cats[genes.codes] if len(ctrl_cats) else np.zeros(len(genes), bool),
+    })
+    info["has_fov"] = fov is not None
+    info["has_cells"] = bool(name == "cosmx" or "cell_id" in raw)
+    return out, info
 
 
 # -- dispatch -----------------------------------------------------------------------------------

@@ -136,6 +136,78 @@ def composition(dataset: Dataset, cluster_key: CellTypeKey,
             **_table(df, "composition", "composition", {"dataset": dataset, "cluster_key": cluster_key, "by": by})}
 
 
+@mcp.tool(annotations={"readOnlyHint": True})
+def group_statistics(
+    dataset: Dataset,
+    group_key: Annotated[str, Field(description="obs column defining the groups (cell type, phenotype, FOV, niche).")],
+    columns: Annotated[list[str], Field(description="Numeric obs columns (e.g. 'Area', 'area_um2') and/or "
+                                                    "gene/marker names (values from X) to summarise.")],
+    stats: Annotated[list[Literal["mean", "median", "std", "min", "max", "sum", "count"]],
+                     Field(description="Statistics per column; std is the sample std (ddof=1).")] = ["mean", "median", "std", "count"],  # noqa: B006
+    sort: Literal["size", "name"] = "size",
+    top: Annotated[int | None, Field(description="Keep only the first `top` groups after sorting "
+                                                 "(sort='size', top=3: the three most frequent groups).", ge=1)] = None,
+    layer: Annotated[str | None, Field(description="Layer for marker values instead of X.")] = None,
+) -> dict:
+    """Per-group summary statistics of cell measurements: e.g. mean cell area per phenotype, or mean
+    marker/gene expression per cell type. One row per group: the group name (under group_key),
+    n_cells, fraction of all cells, and '<column>_<stat>' (e.g. 'Area_mean', 'CD8A_median'). Units
+    are those of the column (obs 'Area' in the source's units; area_um2 in µm²; X as loaded)."""
+    from servers.spatial.core import load_dataset as _load
+    from servers.spatial.groupstats import group_statistics as run
+
+    df = run(_load(dataset), group_key, columns, stats, layer=layer, sort=sort, top=top)
+    args = {"dataset": dataset, "group_key": group_key, "columns": columns, "stats": stats, "top": top}
+    return {"dataset": dataset, "group_key": group_key, **_table(df, "group_statistics", "group_statistics", args)}
+
+
+@mcp.tool(annotations={"readOnlyHint": False})
+def transcript_counts(
+    path: Annotated[str, Field(description="CosMx / Xenium / MERFISH output folder, relative to the data root "
+                                           "(the folder with *_tx_file.csv, transcripts.parquet/.csv.gz or "
+                                           "detected_transcripts.csv).")],
+    by: Annotated[list[Literal["fov", "gene", "cell"]], Field(description="Group keys in order; [] for one "
+                                                                         "overall row.")] = ["fov"],  # noqa: B006
+    genes: Annotated[list[str] | None, Field(description="Count only these genes (CosMx 'target').")] = None,
+    fovs: Annotated[list[int | str] | None, Field(description="Count only these FOVs.")] = None,
+    include_controls: Annotated[bool, Field(description="Count negative-control / blank probes too. True counts "
+                                                        "every row of the transcript table.")] = True,
+    in_cells_only: Annotated[bool, Field(description="Count only transcripts assigned to a cell "
+                                                     "(CosMx cell_ID > 0).")] = False,
+    top_k: Annotated[int | None, Field(description="Keep the k largest groups within each group of the other "
+                                                   "keys (by=['gene'], fovs=[2], top_k=5: top genes of FOV 2).",
+                                       ge=1)] = None,
+    format: Literal["auto", "cosmx", "xenium", "merfish"] = "auto",
+    min_qv: Annotated[float | None, Field(description="Xenium: drop transcripts with qv below this.")] = 20.0,
+) -> dict:
+    """Transcript statistics straight from a run's per-transcript table (no dataset needed): counts
+    grouped by FOV, gene and/or cell. Each row (unless grouped by cell) has n_transcripts,
+    n_in_cells, fraction_in_cells (0-1, assigned to a cell), n_cells (cells with >= 1 of these
+    transcripts) and mean_transcripts_per_cell (in-cell transcripts / n_cells). Grouped by cell:
+    n_transcripts and n_genes per cell (in-cell transcripts only). Examples: transcripts per FOV
+    (by=['fov']); top genes of a FOV (by=['gene'], fovs=[2], top_k=5); one gene per FOV
+    (by=['fov'], genes=['COL1A1']). The full table is saved as an artifact (table_artifact)."""
+    from servers.common.paths import resolve_data_path
+    from servers.common.workspace import get_workspace
+    from servers.spatial.io import read_transcripts
+    from servers.spatial.transcripts import transcript_counts as run
+
+    tx, info = read_transcripts(resolve_data_path(path), format, min_qv=min_qv)
+    df = run(tx, by, genes=genes, fovs=fovs, include_controls=include_controls, in_cells_only=in_cells_only,
+             top_k=top_k)
+    args = {"path": path, "by": by, "genes": genes, "fovs": fovs, "include_controls": include_controls,
+            "in_cells_only": in_cells_only, "top_k": top_k, "format": format, "min_qv": min_qv}
+    out = _table(df, "transcript_counts", "transcript_counts", args)
+    if "table_artifact" not in out:
+        out["table_artifact"] = get_workspace().save_table(df, name="transcript_counts",
+                                                           provenance={"tool": "transcript_counts", "args": args}).id
+    n_ctrl = int(tx["is_control"].sum())
+    return {"path": path, "format": info["format"], "file": info["file"], "by": by,
+            "n_transcripts_total": int(len(tx)), "n_control_transcripts_total": n_ctrl,
+            "n_dropped_low_qv": info["n_dropped_low_qv"], "include_controls": include_controls,
+            "in_cells_only": in_cells_only, **out}
+
+
 @mcp.tool
 def gate_phenotypes(
     dataset: Dataset,
@@ -167,10 +239,14 @@ async def cluster_cells(
     normalization: Literal["log1p", "arcsinh", "zscore", "none"] = "log1p",
     n_pcs: int = 20, method: Literal["kmeans", "leiden"] = "kmeans", n_clusters: int = 8,
     key_added: str = "cluster", seed: int = 0,
+    resolution: Annotated[float, Field(description="Leiden only: higher gives more, smaller clusters.", gt=0)] = 1.0,
+    n_neighbors: Annotated[int, Field(description="Leiden only: neighbours in the expression kNN graph.", ge=2)] = 15,
 ) -> dict:
     """Normalise (log1p of counts scaled to 10k for transcripts; arcsinh/zscore for intensities), PCA, then
-    cluster cells (k-means by default). Saves a new dataset with obs[key_added], obsm['X_pca']; returns
-    cluster sizes and the top markers per cluster (highest mean normalised expression)."""
+    cluster cells: k-means into n_clusters (default), or Leiden community detection on a kNN graph of the
+    PCs (scanpy; cluster count set by resolution, n_clusters ignored). Saves a new dataset with
+    obs[key_added], obsm['X_pca']; returns cluster sizes and the top markers per cluster (highest mean
+    normalised expression)."""
     from servers.spatial.core import load_dataset as _load
 
     def work():
@@ -183,7 +259,8 @@ async def cluster_cells(
         if normalization != "none":
             gating.normalize(adata, normalization)
         var = gating.pca(adata, n_pcs, seed=seed)
-        sizes = gating.cluster(adata, n_clusters=n_clusters, method=method, key_added=key_added, seed=seed)
+        sizes = gating.cluster(adata, n_clusters=n_clusters, method=method, key_added=key_added, seed=seed,
+                               resolution=resolution, n_neighbors=n_neighbors)
         X = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
         lab = adata.obs[key_added].to_numpy()
         top = {}
@@ -192,7 +269,8 @@ async def cluster_cells(
             top[str(c)] = [str(adata.var_names[i]) for i in np.argsort(-m)[:5]]
         art = save_dataset(adata, name=f"clustered_{key_added}", tool="cluster_cells",
                            args={"dataset": dataset, "normalization": normalization, "n_pcs": n_pcs,
-                                 "method": method, "n_clusters": n_clusters, "seed": seed})
+                                 "method": method, "n_clusters": n_clusters, "seed": seed,
+                                 **({"resolution": resolution, "n_neighbors": n_neighbors} if method == "leiden" else {})})
         return {"dataset": art.id, "key": key_added, "pca_variance_ratio": [round(float(v), 4) for v in var[:10]],
                 "clusters": sizes.to_dict("records"), "top_markers": top}
 
@@ -237,7 +315,9 @@ async def neighborhood_enrichment(
     other. Uses the dataset's graph, or builds one with graph_method if it has none. permutations:
     'fast' (default), 'squidpy' (squidpy's exact permutation sequence for the seed) or 'analytic'
     (exact permutation mean/variance, no sampling — instant on millions of cells). Returns top
-    enriched/depleted pairs, the full table as an artifact, and a heatmap."""
+    enriched/depleted pairs, self_enrichment (z of each type with itself), self_enrichment_call
+    ('enriched' z >= 1.96, 'depleted' z <= -1.96, else 'not significant'), the full table as an
+    artifact, and a heatmap."""
     from servers.spatial.core import load_dataset as _load
 
     def work(progress=None):
@@ -362,16 +442,35 @@ async def spatial_autocorrelation(
 
 
 @mcp.tool
-def nearest_neighbor_distances(dataset: Dataset, cluster_key: CellTypeKey) -> dict:
-    """For each pair of cell types (source, target): distance from source cells to their nearest other
-    target cell — mean, median, 10th/90th percentile, in the dataset's coordinate unit."""
+def nearest_neighbor_distances(
+    dataset: Dataset,
+    cluster_key: Annotated[str | None, Field(description="obs column with cell types for the per-type-pair table "
+                                                         "and same-type fractions; omit for all cells only.")] = None,
+) -> dict:
+    """Nearest-neighbour distances, in the dataset's coordinate unit (see 'units').
+
+    all_cells: distance from every cell to its nearest other cell, whatever its type — n_cells,
+    mean, median, std, min, max, p10, p90 (mean = typical cell spacing / packing density).
+    With cluster_key also: same_type_nn_fraction (fraction of cells whose nearest neighbour has
+    their own type; high = segregated, low = mixed), same_type_nn_fraction_by_type, and rows: for
+    each (source, target) type pair the distance from source cells to the nearest other target
+    cell — mean, median, p10, p90 (e.g. how close CD8 T cells come to tumour cells)."""
     from servers.spatial import stats
     from servers.spatial.core import load_dataset as _load
 
     adata = _load(dataset)
-    df = stats.nn_distances(adata, cluster_key)
-    return {"dataset": dataset, "units": _units(adata),
-            **_table(df, "nn_distances", "nearest_neighbor_distances", {"dataset": dataset, "cluster_key": cluster_key})}
+    overall = stats.nn_overall(adata, cluster_key)
+    out: dict[str, Any] = {"dataset": dataset, "units": _units(adata)}
+    out["all_cells"] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in overall.items()
+                        if not k.startswith("same_type")}
+    if cluster_key is not None:
+        out["same_type_nn_fraction"] = round(overall["same_type_nn_fraction"], 6)
+        out["same_type_nn_fraction_by_type"] = {k: round(v, 6) for k, v in
+                                                overall["same_type_nn_fraction_by_type"].items()}
+        df = stats.nn_distances(adata, cluster_key)
+        out.update(_table(df, "nn_distances", "nearest_neighbor_distances",
+                          {"dataset": dataset, "cluster_key": cluster_key}))
+    return out
 
 
 @mcp.tool
@@ -433,7 +532,8 @@ def distance_to_region(
 ) -> dict:
     """Distance of every cell to a region: the nearest cell of target_types (e.g. tumour), or a polygon
     boundary (signed: negative inside). Saves a new dataset with obs[key_added]; returns per-group
-    mean/median distances in the dataset's coordinate unit."""
+    count/mean/median distances in the dataset's coordinate unit, as a list (summary) and keyed by
+    group name (summary_by_group, e.g. summary_by_group['CD8 T cells'].mean)."""
     from servers.common.errors import ToolError
     from servers.spatial import stats
     from servers.spatial.core import load_dataset as _load
@@ -451,14 +551,20 @@ def distance_to_region(
     if by:
         if by not in adata.obs:
             raise ToolError(f"Unknown column {by!r} to summarise by.")
-        g = col.groupby(adata.obs[by].astype(str), observed=True).agg(["count", "mean", "median"]).reset_index()
-        summary = g.round(4).to_dict("records")
+        g = col.groupby(adata.obs[by].astype(str), observed=True).agg(["count", "mean", "median"])
+        by_group = {str(k): {"count": int(r["count"]), "mean": round(float(r["mean"]), 6),
+                             "median": round(float(r["median"]), 6)} for k, r in g.iterrows()}
+        summary = g.reset_index().round(4).to_dict("records")
     else:
         summary = [{"count": int(col.count()), "mean": float(col.mean()), "median": float(col.median())}]
+        by_group = None
     art = save_dataset(adata, name=key_added, tool="distance_to_region",
                        args={"dataset": dataset, "cluster_key": cluster_key, "target_types": target_types,
                              "polygon": polygon})
-    return {"dataset": art.id, "key": key_added, "units": _units(adata), "summary": summary}
+    out = {"dataset": art.id, "key": key_added, "units": _units(adata), "summary": summary}
+    if by_group is not None:
+        out["summary_by_group"] = by_group
+    return out
 
 
 @mcp.tool(annotations={"readOnlyHint": True})

@@ -270,6 +270,43 @@ def nn_distances(adata: AnnData, cluster_key: str, spatial_key: str = SPATIAL_KE
     return pd.DataFrame(rows)
 
 
+def nn_overall(adata: AnnData, cluster_key: str | None = None, spatial_key: str = SPATIAL_KEY) -> dict:
+    """Type-agnostic nearest-neighbour statistics, and how often the nearest neighbour has the same type.
+
+    Each cell's nearest *other* cell (``scipy.spatial.cKDTree``, Euclidean, coordinate units; a
+    coincident cell counts at distance 0). Writes ``obs['nn_distance']`` (and
+    ``obs['nn_same_type']`` with ``cluster_key``).
+
+    Returns:
+        ``{"n_cells", "mean", "median", "std", "min", "max", "p10", "p90"}`` of the distances, plus with
+        ``cluster_key``: ``same_type_nn_fraction`` (fraction of all cells whose nearest neighbour has
+        their type) and ``same_type_nn_fraction_by_type`` {type: fraction of that type's cells}.
+    """
+    from scipy.spatial import cKDTree
+
+    xy = get_coords(adata, spatial_key)
+    n = len(xy)
+    if n < 2:
+        raise ToolError(f"Nearest-neighbour distances need at least 2 cells; got {n}.")
+    d, j = cKDTree(xy).query(xy, k=2)
+    first_is_self = j[:, 0] == np.arange(n)
+    nn = np.where(first_is_self, j[:, 1], j[:, 0])
+    dist = np.where(first_is_self, d[:, 1], d[:, 0])
+    adata.obs["nn_distance"] = dist
+    out: dict = {"n_cells": int(n), "mean": float(dist.mean()), "median": float(np.median(dist)),
+                 "std": float(dist.std(ddof=1)), "min": float(dist.min()), "max": float(dist.max()),
+                 "p10": float(np.percentile(dist, 10)), "p90": float(np.percentile(dist, 90))}
+    if cluster_key is not None:
+        codes, cats = get_labels(adata, cluster_key)
+        same = codes == codes[nn]
+        adata.obs["nn_same_type"] = same
+        out["same_type_nn_fraction"] = float(same.mean())
+        cnt = np.bincount(codes, minlength=len(cats))
+        hit = np.bincount(codes, weights=same.astype(np.float64), minlength=len(cats))
+        out["same_type_nn_fraction_by_type"] = {c: float(hit[i] / cnt[i]) for i, c in enumerate(cats) if cnt[i]}
+    return out
+
+
 # -- density -------------------------------------------------------------------------------------
 
 
