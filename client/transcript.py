@@ -115,6 +115,41 @@ def _answer_str(a: Any) -> str:
     return a if isinstance(a, str) else json.dumps(a, indent=2, default=str)
 
 
+def _end_and_figures(events: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, list[tuple[str, str]]]:
+    end = next((e for e in events if e["type"] == "run_end"), None)
+    figs = [(e["name"], p) for e in events if e["type"] == "tool_result" for p in e.get("figures", [])]
+    return end, figs
+
+
+def _summary_markdown(events: list[dict[str, Any]]) -> list[str]:
+    """Answer and figures first, so a reader need not scroll through every step."""
+    end, figs = _end_and_figures(events)
+    out: list[str] = []
+    if end is not None and end.get("answer") is not None:
+        out += ["## Answer (details at the end)", "", "```", _answer_str(end.get("answer")), "```", ""]
+    if figs:
+        out += ["## Figures", ""] + [f"![{name}]({p})" for name, p in figs] + [""]
+    return out
+
+
+def _summary_html(events: list[dict[str, Any]], out_dir: Path) -> list[str]:
+    end, figs = _end_and_figures(events)
+    out: list[str] = []
+    if end is not None and end.get("answer") is not None:
+        out += ["<h2>Answer</h2>", f"<pre class=answer>{html.escape(_answer_str(end.get('answer')))}</pre>"]
+    thumbs = []
+    for name, rel in figs:
+        p = out_dir / rel
+        if p.is_file():
+            mime = "image/jpeg" if p.suffix == ".jpg" else f"image/{p.suffix.lstrip('.')}"
+            data = base64.b64encode(p.read_bytes()).decode("ascii")
+            thumbs.append(f"<figure><img alt='{html.escape(rel)}' src='data:{mime};base64,{data}'>"
+                          f"<figcaption>{html.escape(name)}</figcaption></figure>")
+    if thumbs:
+        out += ["<h2>Figures</h2>", f"<div class=gallery>{''.join(thumbs)}</div>", "<h2>Steps</h2>"]
+    return out
+
+
 def render_markdown(events: list[dict[str, Any]]) -> str:
     """The run as Markdown: question, settings, each step (text, calls, results, figures), answer, usage."""
     lines: list[str] = []
@@ -126,6 +161,7 @@ def render_markdown(events: list[dict[str, Any]]) -> str:
                       f"- servers: {', '.join(e.get('servers') or [])}",
                       f"- data root: `{e.get('data_root')}` · workspace: `{e.get('workspace')}`",
                       f"- started: {e['t']}", ""]
+            lines += _summary_markdown(events)
         elif t == "system":
             lines += ["<details><summary>System prompt</summary>", "", "```", e["text"], "```", "", "</details>", ""]
         elif t == "step":
@@ -176,6 +212,7 @@ def render_html(events: list[dict[str, Any]], out_dir: Path) -> str:
                      f"servers {esc(', '.join(e.get('servers') or []))}<br>data root <code>"
                      f"{esc(str(e.get('data_root')))}</code> · workspace <code>{esc(str(e.get('workspace')))}"
                      f"</code> · started {esc(e['t'])}</p>"]
+            body += _summary_html(events, out_dir)
         elif t == "system":
             body.append(f"<details><summary>System prompt</summary><pre>{esc(e['text'])}</pre></details>")
         elif t == "step":
@@ -218,6 +255,9 @@ def render_html(events: list[dict[str, Any]], out_dir: Path) -> str:
              ".assistant{border-left:3px solid #69c;padding-left:.7rem;white-space:pre-wrap}"
              ".call,.result{margin:.6rem 0}.error{color:#a00}.error pre{background:#fdecec}"
              ".notice{background:#fff6d6;padding:.4rem}.meta{color:#666;font-size:.9em}"
-             "img{max-width:100%;border:1px solid #ddd;margin:.3rem 0}.answer{background:#eef8ee}")
+             "img{max-width:100%;border:1px solid #ddd;margin:.3rem 0}.answer{background:#eef8ee}"
+             ".gallery{display:flex;flex-wrap:wrap;gap:.6rem}.gallery figure{margin:0;width:18rem}"
+             ".gallery img{height:12rem;width:100%;object-fit:contain;background:#fafafa}"
+             "figcaption{font-size:.8em;color:#555}.q{white-space:pre-wrap}")
     return ("<!doctype html><html><head><meta charset=utf-8><title>cytoagent run</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
