@@ -135,3 +135,16 @@ async def test_serve_over_streamable_http(dropin_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+async def test_hub_of_all_builtins():
+    """`serve --all`: every built-in server's tools under its prefix, callable through one process."""
+    hub = build_hub({n: s for n, s in discover().items() if n in BUILTINS})
+    async with Client(hub) as c:
+        names = [t.name for t in await c.list_tools()]
+        assert len(names) == len(set(names)) and all(len(n) <= 64 for n in names)
+        for server in BUILTINS:
+            assert f"{server}_ping" in names
+            assert (await c.call_tool(f"{server}_ping", {})).structured_content["server"] == server
+        assert {"wsi_slide_info", "spatial_neighborhood_enrichment", "sandbox_execute",
+                "preprocess_evaluate_preprocessing"} <= set(names)
