@@ -24,6 +24,7 @@ from typing import Any
 
 from fastmcp import Context, FastMCP
 from fastmcp.exceptions import ToolError as MCPToolError
+from fastmcp.exceptions import ValidationError as MCPValidationError
 from fastmcp.server.middleware import Middleware
 from fastmcp.tools import ToolResult
 from fastmcp.utilities.types import Image
@@ -36,7 +37,28 @@ from servers.common.progress import CancelToken, make_progress
 log = logging.getLogger("cytoagent")
 
 
+class _QuietExpectedErrors(logging.Filter):
+    """A library ``ToolError`` is a bad input the client is told about, not a crash: FastMCP's
+    "Error calling tool" record keeps one line with the message instead of a full traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, LibToolError):
+            record.msg = f"{record.getMessage()}: {exc}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_QUIET = _QuietExpectedErrors()
+
+
 def _setup_logging() -> None:
+    server_log = logging.getLogger("fastmcp.server.server")
+    if _QUIET not in server_log.filters:
+        server_log.addFilter(_QUIET)
     root = logging.getLogger("cytoagent")
     if not root.handlers:
         h = logging.StreamHandler(sys.stderr)  # never stdout: it is the MCP channel
@@ -53,6 +75,32 @@ def _find_lib_error(exc: BaseException | None) -> LibToolError | None:
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return None
+
+
+def _argument_errors(tool: str, exc: BaseException | None) -> str | None:
+    """Pydantic argument-validation errors as one short message naming each bad argument, what it
+    should be and what was given (no pydantic boilerplate or URLs); None if ``exc`` is not one."""
+    errors = getattr(exc, "errors", None)
+    if exc is None or not callable(errors):
+        return None
+    try:
+        items = errors(include_url=False)
+    except Exception:  # noqa: BLE001 - not a pydantic ValidationError after all
+        return None
+    parts = []
+    for err in items[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "call") or "arguments"
+        msg = str(err.get("msg", "invalid"))
+        if err.get("type") in ("missing_argument", "missing"):
+            parts.append(f"{loc}: required argument missing")
+            continue
+        given = repr(err.get("input"))
+        if len(given) > 80:
+            given = given[:77] + "..."
+        parts.append(f"{loc}: {msg} (got {given})")
+    more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+    return (f"Invalid arguments for tool '{tool}': " + "; ".join(parts) + more
+            + ". Fix these arguments (the tool's input schema lists the types and allowed values) and call again.")
 
 
 class ErrorTranslation(Middleware):
@@ -77,6 +125,11 @@ class ErrorTranslation(Middleware):
             raise
         except LibToolError as e:
             raise MCPToolError(str(e)) from None
+        except MCPValidationError as e:
+            message = _argument_errors(getattr(context.message, "name", "?"), e.__cause__)
+            if message is None:
+                raise
+            raise MCPToolError(message) from None
         except Cancelled as e:
             raise MCPToolError(f"Cancelled: {e}") from None
 
@@ -97,13 +150,18 @@ def create_server(name: str, instructions: str, *, artifacts: bool = True, **kwa
     return mcp
 
 
+LISTING_OMITS = ("provenance", "meta", "uri")  # per-artifact detail left to artifact_info
+
+
 def add_artifact_interface(mcp: FastMCP) -> None:
     """``list_artifacts`` / ``artifact_info`` / ``delete_artifact`` tools and ``artifact://{id}`` resources."""
     from servers.common.workspace import get_workspace
 
     @mcp.tool(annotations={"readOnlyHint": True})
     def list_artifacts(kind: str | None = None, limit: int = 50) -> dict:
-        """List artifacts in the shared workspace (newest first): ids, kinds, names, shapes, row counts.
+        """List artifacts in the shared workspace (newest first): ids, kinds, names, paths, shapes, row
+        counts, sizes. Compact: call artifact_info for one artifact's provenance (tool and arguments)
+        and metadata.
 
         Args:
             kind: Only this kind (image, labels, mask, table, anndata, geojson, json, figure, code, text, file).
@@ -111,7 +169,8 @@ def add_artifact_interface(mcp: FastMCP) -> None:
         """
         ws = get_workspace()
         arts = ws.list(kind=kind, limit=max(1, min(int(limit), 1000)))
-        return {"workspace": str(ws.root), "artifacts": [a.to_dict() for a in arts]}
+        listed = [{k: v for k, v in a.to_dict().items() if k not in LISTING_OMITS} for a in arts]
+        return {"workspace": str(ws.root), "n": len(listed), "artifacts": listed}
 
     @mcp.tool(annotations={"readOnlyHint": True})
     def artifact_info(artifact_id: str) -> dict:

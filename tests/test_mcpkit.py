@@ -82,6 +82,18 @@ async def test_tool_errors_reach_the_client(server):
         assert (await c.call_tool("needs_positive", {"x": 2})).data == 2  # still serving
 
 
+async def test_bad_argument_types_are_one_clear_message(server):
+    """Pydantic validation errors reach the client as one short message naming each bad argument."""
+    async with Client(server) as c:
+        r = await c.call_tool_mcp("needs_positive", {"x": "many"})
+        text = r.content[0].text
+        assert r.is_error and text.startswith("Invalid arguments for tool 'needs_positive': x: ")
+        assert "(got 'many')" in text and "pydantic.dev" not in text and "validation error for" not in text
+        r = await c.call_tool_mcp("needs_positive", {})
+        assert r.is_error and "x: required argument missing" in r.content[0].text
+        assert (await c.call_tool("needs_positive", {"x": 3})).data == 3  # still serving
+
+
 async def test_progress_is_forwarded(server):
     seen = []
 
@@ -119,10 +131,19 @@ async def test_results_images_and_artifact_resources(server):
         assert meta["kind"] == "image" and meta["shape"] == [8, 8]
         listed = (await c.call_tool("list_artifacts", {})).structured_content["artifacts"]
         assert [a["id"] for a in listed] == [aid]
+        assert listed[0]["shape"] == [8, 8]
         with pytest.raises(MCPToolError, match="list_artifacts"):
             await c.call_tool("artifact_info", {"artifact_id": "nope-123"})
         await c.call_tool("delete_artifact", {"artifact_id": aid})
         assert (await c.call_tool("list_artifacts", {})).structured_content["artifacts"] == []
+        # the listing is compact: provenance and metadata only through artifact_info
+        art = get_workspace().save_json({"a": 1}, name="p", provenance={"tool": "t", "args": {"x": "y" * 500}},
+                                        meta={"note": "m"})
+        listed = (await c.call_tool("list_artifacts", {})).structured_content
+        assert listed["n"] == 1 and listed["artifacts"][0]["id"] == art.id
+        assert not {"provenance", "meta"} & set(listed["artifacts"][0])
+        info = (await c.call_tool("artifact_info", {"artifact_id": art.id})).structured_content
+        assert info["provenance"]["tool"] == "t" and info["meta"] == {"note": "m"}
 
 
 async def test_text_only_result_is_plain_text():
@@ -137,3 +158,29 @@ async def test_text_only_result_is_plain_text():
         r = await c.call_tool("summary_only", {})
         assert [b.text for b in r.content] == ["caption", '{"a": 1}']
         assert r.structured_content == {"a": 1}
+
+
+async def test_bad_input_is_logged_in_one_line_but_crashes_keep_their_traceback(server):
+    """Expected user errors must not flood server logs with tracebacks; real crashes still log one."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    log = logging.getLogger("fastmcp.server.server")
+    h = Keep(level=logging.DEBUG)
+    log.addHandler(h)
+    try:
+        async with Client(server) as c:
+            await c.call_tool_mcp("needs_positive", {"x": -1})
+            await c.call_tool_mcp("crashes", {})
+    finally:
+        log.removeHandler(h)
+    bad = [r for r in records if "needs_positive" in r.getMessage()]
+    crash = [r for r in records if "crashes" in r.getMessage()]
+    assert bad and all(r.exc_info is None and r.levelno == logging.INFO for r in bad)
+    assert "x must be > 0, got -1." in bad[0].getMessage()
+    assert crash and crash[0].exc_info is not None and crash[0].levelno == logging.ERROR

@@ -37,9 +37,13 @@ def test_counts_synthetic_spots_exactly(field):
 
 def test_raw_scale_needs_normalisation(field):
     raw = field.image * 3000 + 200  # arbitrary camera units: the absolute threshold is meaningless
-    assert count_spots(raw).summary()["n_spots"] > 100  # noise maxima pass a threshold of 0.1
+    raw_summary = count_spots(raw).summary()
+    assert raw_summary["n_spots"] > 100  # noise maxima pass a threshold of 0.1
+    assert "preprocess='minmax'" in raw_summary["warning"]  # ... and the result says so
+    assert "warning" not in count_spots(field.image).summary()
     for name in ("minmax", "percentile", "normalize99"):
         res = count_spots(raw, preprocess=name)
+        assert "warning" not in res.summary()
         assert match_points(field.coords, res.coords, radius=2.0).tp >= 28, name
         lo, hi = res.summary()["image_range_after_preprocessing"]
         assert lo >= -1e-6 and hi <= 1 + 1e-6

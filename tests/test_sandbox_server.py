@@ -104,6 +104,12 @@ async def test_file_tools_confined(mcp_client, workspace, data_root):
         assert [f["path"] for f in files] == ["dir/plan.md"]
         files = (await c.call_tool("list_files", {"root": "data", "pattern": "*.txt"})).structured_content["files"]
         assert files == [{"path": "notes.txt", "bytes": 10}]
+        for i in range(3):
+            (data_root / f"n{i}.txt").write_text("n")
+        listing = (await c.call_tool("list_files", {"root": "data", "pattern": "*.txt", "limit": 4})).structured_content
+        assert len(listing["files"]) == 4 and listing["truncated"] is False and "hint" not in listing
+        listing = (await c.call_tool("list_files", {"root": "data", "pattern": "*.txt", "limit": 3})).structured_content
+        assert len(listing["files"]) == 3 and listing["truncated"] is True and "pattern=" in listing["hint"]
         for bad in ("../x.txt", "/etc/passwd", "dir/../../x"):
             with pytest.raises(MCPToolError, match="(Absolute path|climbs out)"):
                 await c.call_tool("write_file", {"path": bad, "content": "x"})

@@ -134,8 +134,12 @@ def test_table_and_h5ad_readers(tmp_path):
     del ad.obsm["spatial"]
     del ad.uns["spatial_units"]
     ad.write_h5ad(tmp_path / "b.h5ad")
-    with pytest.raises(ToolError, match="x_col and y_col"):
+    with pytest.raises(ToolError, match="x_col and y_col") as e:
         read_any(tmp_path / "b.h5ad")
+    assert "units='um'" in str(e.value)  # the unit is missing too: said in the same message
+    with pytest.raises(ToolError, match="Only one coordinate column") as e:
+        read_any(tmp_path / "b.h5ad", x_col="x", units="um")
+    assert "y_col" in str(e.value)
     ok = read_any(tmp_path / "b.h5ad", x_col="x", y_col="y", units="um")
     assert ok.obsm["spatial"].shape == (100, 2)
     with pytest.raises(ToolError, match="Cannot tell the format"):

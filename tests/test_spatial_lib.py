@@ -133,6 +133,21 @@ def test_enrichment_signs_and_counts():
     assert np.all(np.abs(r.zscore) < 4)
 
 
+def test_enrichment_refuses_huge_n_perms_before_allocating():
+    """A huge n_perms is a clear ToolError with the largest allowed value, not a MemoryError."""
+    from servers.spatial.enrichment import MAX_PERM_VALUES, nhood_enrichment
+    from servers.spatial.graph import spatial_graph
+
+    ad = _adata(cell_table(300, pattern="random", seed=1))
+    spatial_graph(ad, "knn", 4)
+    k = ad.obs["cell_type"].nunique()
+    with pytest.raises(ToolError, match="n_perms=1,000,000,000") as e:
+        nhood_enrichment(ad, "cell_type", n_perms=10**9)
+    assert f"n_perms <= {MAX_PERM_VALUES // (k * k):,}" in str(e.value) and "analytic" in str(e.value)
+    # the analytic mode ignores n_perms, so it is not refused
+    assert nhood_enrichment(ad, "cell_type", n_perms=10**9, permutations="analytic").zscore.shape == (k, k)
+
+
 def test_enrichment_fast_vs_exact_permutations_and_libraries():
     from servers.spatial.enrichment import nhood_enrichment
     from servers.spatial.graph import spatial_graph
@@ -196,6 +211,9 @@ def test_density_and_distance_to_region():
     assert d.loc["A", "n_cells"] + d.loc["B", "n_cells"] == 400
     given = density(ad, area_mm2=1.0)
     assert given.loc[0, "cells_per_mm2"] == 400
+    for bad in (-1.0, 0.0, float("nan")):
+        with pytest.raises(ToolError, match="area_mm2 must be a positive area"):
+            density(ad, area_mm2=bad)
     px = _adata(df, units="px")
     with pytest.raises(ToolError, match="pixels of unknown size"):
         density(px)
@@ -360,3 +378,15 @@ def test_cooccurrence_exact_far_from_origin():
     res = co_occurrence(ad, "cell_type", interval=[0.0, 3.0, 7.5, 15.0])
     _, N = _brute_cooc(ad.obsm["spatial"], ad.obs["cell_type"].cat.codes.to_numpy(), 2, res.interval)
     assert np.array_equal(res.counts, N.astype(np.int64))
+
+
+@pytest.mark.parametrize("k", [3, 12, 25, 60])
+def test_category_palette_never_repeats_a_colour(k):
+    """Plots with more than 20 cell types must not reuse colours (tab20 alone wraps around)."""
+    from servers.spatial.plots import _palette
+
+    pal = _palette(k)
+    assert pal.shape == (k, 4) and np.all((pal >= 0) & (pal <= 1))
+    rgb = pal[:, :3]
+    d = np.sqrt(((rgb[:, None] - rgb[None]) ** 2).sum(-1)) + np.eye(k) * 9
+    assert d.min() > 0.09  # every pair visibly different (RGB distance)

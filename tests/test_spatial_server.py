@@ -84,6 +84,14 @@ async def test_errors_are_actionable(mcp_client, seg_table):
         assert r.is_error and "pixels of unknown size" in r.content[0].text
         r = await c.call_tool_mcp("dataset_summary", {"dataset": "anndata-nope"})
         assert r.is_error and "list_artifacts" in r.content[0].text
+        # out-of-range numbers are refused up front with the argument named (not a MemoryError later)
+        r = await c.call_tool_mcp("ripley", {"dataset": ds, "n_simulations": 10**7})
+        assert r.is_error and "Invalid arguments for tool 'ripley': n_simulations:" in r.content[0].text
+        r = await c.call_tool_mcp("neighborhood_enrichment", {"dataset": ds, "cluster_key": "cell_type",
+                                                               "n_perms": 10**9})
+        assert r.is_error and "n_perms <= " in r.content[0].text and "analytic" in r.content[0].text
+        r = await c.call_tool_mcp("ripley", {"dataset": ds, "n_simulations": 0, "max_radius": 50})
+        assert not r.is_error and r.structured_content["n_simulations"] == 0
         ok = await c.call_tool("dataset_summary", {"dataset": ds})  # still serving
         assert ok.structured_content["n_cells"] == 1200
 

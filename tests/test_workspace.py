@@ -88,3 +88,13 @@ def test_crafted_index_entry_is_refused(workspace, tmp_path):
         workspace.load(a.id)
     workspace.delete(a.id)  # removes the row, leaves the outside file alone
     assert (tmp_path / "outside.txt").read_text() == "secret" and not workspace.exists(a.id)
+
+
+def test_resolve_unknown_artifact_id_says_artifact(workspace):
+    """An unknown id is reported as a missing artifact (not as a missing file listing .index etc.)."""
+    with pytest.raises(ToolError) as e:
+        workspace.resolve("table-nope")
+    msg = str(e.value)
+    assert "No artifact with id 'table-nope'" in msg and "list_artifacts" in msg and ".index" not in msg
+    with pytest.raises(ToolError, match="No such file in the workspace"):
+        workspace.resolve("artifacts/missing.parquet")

@@ -110,6 +110,13 @@ def test_bad_inputs(data_root):
         load_annotations(data_root / "nope.xml")
     with pytest.raises(ToolError, match="mpp"):
         load_annotations(data_root / "x.csv", mpp=-1)
+    # an intensity image passed as annotation (no 0 background) is refused, not counted as "objects"
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(6, 206, (40, 50)).astype(np.uint8)).save(data_root / "raw.png")
+    with pytest.raises(ToolError, match="no background") as e:
+        load_annotations(data_root / "raw.png")
+    assert "0 = background" in str(e.value)
 
 
 async def test_server_load_annotations(mcp_client, data_root, workspace):

@@ -47,3 +47,17 @@ def test_cli_nuclei_fluorescence(tmp_path, capsys):
     summary = json.loads(out.out)
     assert summary["modality"] == "fluorescence" and summary["density_basis"] == "image area"
     assert abs(summary["n_nuclei"] - 20) <= 1 and len(pd.read_csv(tmp_path / "n.csv")) == summary["n_nuclei"]
+
+
+def test_cli_paths_fall_back_to_data_root(data_root, tmp_path, monkeypatch, capsys):
+    """A relative path missing from the current directory is looked up under the data root."""
+    (data_root / "wsi").mkdir()
+    synthetic.pyramidal_tiff(data_root / "wsi" / "a.tif", shape=(512, 512), mpp=0.25, levels=1)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    rc, out = _run(["wsi", "info", "wsi/a.tif"], capsys)
+    assert rc == 0, out.err
+    assert json.loads(out.out)["mpp"] == 0.25
+    rc, out = _run(["wsi", "info", "wsi/missing.svs"], capsys)
+    assert rc == 1 and "No such file: 'wsi/missing.svs'" in out.err and str(data_root) in out.err

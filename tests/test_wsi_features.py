@@ -90,6 +90,9 @@ def test_cluster_recovers_groups():
     assert res["silhouette"] > 0.7 and res["columns"] == ["a", "b"]
     with pytest.raises(ToolError, match="n_clusters"):
         features.cluster_tiles(df, n_clusters=100)
+    with pytest.raises(ToolError, match="Only 2 tile") as e:
+        features.cluster_tiles(df.head(2), n_clusters=2)
+    assert "tile_px" in str(e.value)
 
 
 def _bags(n_slides=16, n_tiles=40, seed=0):

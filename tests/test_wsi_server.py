@@ -114,6 +114,13 @@ async def test_nuclei_tools(mcp_client, slides, workspace):
                                                            "min_tissue_fraction": 0.0}))
         assert abs(s["n_nuclei"] - 150) <= 3 and s["n_tiles"] == 9
         assert len(workspace.load(s["table_artifact"])) == s["n_nuclei"]
+        # outlines kept: the table round-trips through Parquet and still exports as QuPath polygons
+        s = _sc(await c.call_tool("segment_nuclei_slide", {"slide": "nuc.tif", "tile_px": 256,
+                                                           "min_tissue_fraction": 0.0, "polygons": True}))
+        ex = _sc(await c.call_tool("export_geojson", {"table": s["table_artifact"]}))
+        assert ex["n_features"] == s["n_nuclei"]
+        gj = workspace.load(ex["geojson_artifact"])
+        assert {f["geometry"]["type"] for f in gj["features"]} == {"Polygon"}
         st = _sc(await c.call_tool("stain_deconvolve", {"slide": "he.png", "slide_mpp": 0.5, "x": 0, "y": 0,
                                                         "width": 300, "height": 300}))
         assert workspace.load(st["artifact"]).shape == (300, 300, 3)
@@ -146,3 +153,20 @@ async def test_model_backend_with_local_weights(mcp_client, shared_data_root, wo
     r = _sc(res)
     assert 0.5 * n_gt <= r["n_nuclei"] <= 2 * n_gt, (r["n_nuclei"], n_gt)  # measured 52 vs 34 outlined
     assert workspace.load(r["labels_artifact"]).max() == r["n_nuclei"]
+
+
+async def test_list_slides_slides_first_and_truncation(mcp_client, data_root):
+    """Whole slides come before plain images, and a truncated listing says so (compact by default)."""
+    from PIL import Image
+
+    (data_root / "a_pngs").mkdir()
+    for i in range(60):
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(data_root / "a_pngs" / f"m{i:02d}.png")
+    synthetic.pyramidal_tiff(data_root / "z_slide.tif", shape=(256, 256), mpp=0.5, levels=1)
+    async with mcp_client("wsi") as c:
+        ls = _sc(await c.call_tool("list_slides", {}))
+        assert ls["slides"][0]["path"] == "z_slide.tif" and ls["slides"][0]["kind"] == "slide"
+        assert ls["n"] == len(ls["slides"]) == 50 and ls["n_found"] == 61 and ls["truncated"] is True
+        assert "pattern=" in ls["hint"]
+        ls = _sc(await c.call_tool("list_slides", {"pattern": "*.tif"}))
+        assert ls["n"] == ls["n_found"] == 1 and ls["truncated"] is False and "hint" not in ls

@@ -259,6 +259,14 @@ class Workspace:
             return self.abspath(ref)
         from servers.common.paths import confine
 
+        ref_s = str(ref)
+        if "/" not in ref_s and "\\" not in ref_s and "." not in ref_s and not (self.root / ref_s).exists():
+            # looks like an artifact id (kind-hex), not a file path: say so rather than "no such file"
+            raise ToolError(
+                f"No artifact with id {ref_s!r} (and no such file in the workspace).",
+                hint="Pass an artifact id returned by an earlier tool (list_artifacts shows them) "
+                "or a workspace-relative file path.",
+            )
         return confine(self.root, ref, what="workspace")
 
     def _target(self, kind: str, name: str | None, ext: str) -> tuple[str, Path]:

@@ -148,11 +148,20 @@ class SpotResult:
 
     def summary(self) -> dict[str, Any]:
         h, w = self.image.shape
-        return {"n_spots": int(len(self.coords)), "shape_px": [h, w], "preprocessing": self.preprocessing,
-                "pipeline": [{"name": n, **p} for n, p in self.steps], "detector": self.settings,
-                "spots_per_megapixel": round(len(self.coords) / (h * w / 1e6), 3),
-                "image_range_after_preprocessing": [round(float(self.image.min()), 5),
-                                                    round(float(self.image.max()), 5)]}
+        lo, hi = float(self.image.min()), float(self.image.max())
+        out = {"n_spots": int(len(self.coords)), "shape_px": [h, w], "preprocessing": self.preprocessing,
+               "pipeline": [{"name": n, **p} for n, p in self.steps], "detector": self.settings,
+               "spots_per_megapixel": round(len(self.coords) / (h * w / 1e6), 3),
+               "image_range_after_preprocessing": [round(lo, 5), round(hi, 5)]}
+        if hi - lo > RAW_RANGE:
+            out["warning"] = (f"The detector saw values {lo:g}..{hi:g}, but its threshold "
+                              f"({self.settings.get('threshold')}) is absolute and meant for images scaled to "
+                              "about [0, 1]: this count is likely dominated by noise maxima. Pass "
+                              "preprocess='minmax' or 'percentile' (or 'divide_255' for 8-bit images), or a task.")
+        return out
+
+
+RAW_RANGE = 10.0  # a dynamic range above this after preprocessing means raw intensity units
 
 
 def count_spots(image: np.ndarray, *, preprocess: str = "none", task: str | None = None,

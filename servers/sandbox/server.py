@@ -210,15 +210,19 @@ def list_files(subdir: str = ".", pattern: str = "*", limit: int = 200, root: st
         if not d.is_dir():
             raise ToolError(f"{subdir!r} is not a folder in the {root}.", hint="Pass a folder path or '.'.")
     limit = max(1, min(int(limit), 5000))
-    paths = [p for p in _list(base, subdir, pattern, limit=limit + 10)
-             if not (root == "workspace" and p.split("/", 1)[0] == INDEX_DIR)][:limit]
+    found = [p for p in _list(base, subdir, pattern, limit=limit + 10)
+             if not (root == "workspace" and p.split("/", 1)[0] == INDEX_DIR)]
+    paths = found[:limit]
     files = []
     for p in paths:
         try:
             files.append({"path": p, "bytes": (base / p).stat().st_size})
         except OSError:
             continue
-    return {"root": root, "abspath": str(base.resolve()), "files": files, "truncated": len(paths) >= limit}
+    out = {"root": root, "abspath": str(base.resolve()), "files": files, "truncated": len(found) > limit}
+    if out["truncated"]:
+        out["hint"] = f"More than {limit} files: narrow with subdir= or pattern= (e.g. '*.csv'), or raise limit."
+    return out
 
 
 @mcp.tool(annotations={"readOnlyHint": True})

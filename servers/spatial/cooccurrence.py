@@ -57,10 +57,11 @@ class CoOccurrence:
         for c in range(min(k, max_types)):
             ratios = self.occ[:, c, r0]
             j = int(np.argmax(ratios))
-            top[self.categories[c]] = {"most_enriched_near": self.categories[j], "ratio": float(ratios[j]),
-                                       "self_ratio": float(self.occ[c, c, r0])}
-        return {"n_types": k, "thresholds": [float(t) for t in self.interval[1:]],
-                "first_threshold": float(self.interval[1]), "at_first_threshold": top}
+            top[self.categories[c]] = {"most_enriched_near": self.categories[j], "ratio": round(float(ratios[j]), 4),
+                                       "self_ratio": round(float(self.occ[c, c, r0]), 4)}
+        # thresholds are float32 (squidpy's dtype): 4 decimals drop the float32 noise from the JSON
+        return {"n_types": k, "thresholds": [round(float(t), 4) for t in self.interval[1:]],
+                "first_threshold": round(float(self.interval[1]), 4), "at_first_threshold": top}
 
 
 def default_interval(coords32: np.ndarray, n: int) -> np.ndarray:

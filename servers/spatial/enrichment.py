@@ -193,6 +193,9 @@ def edge_counts(indptr: np.ndarray, indices: np.ndarray, labels: np.ndarray, k: 
     return out.reshape(len(lab), k, k)
 
 
+MAX_PERM_VALUES = 50_000_000  # n_perms * k * k float64 values held at once (400 MB)
+
+
 def nhood_enrichment_arrays(indptr: np.ndarray, indices: np.ndarray, codes: np.ndarray, k: int,
                             n_perms: int = 1000, seed: int | None = 0, libraries: np.ndarray | None = None,
                             permutations: str = "fast", batch: int | None = None,
@@ -201,7 +204,14 @@ def nhood_enrichment_arrays(indptr: np.ndarray, indices: np.ndarray, codes: np.n
     """(zscore, count, perm_mean, perm_std) for a CSR graph and integer type codes 0..k-1."""
     n = len(codes)
     if n_perms < 1:
-        raise ToolError(f"n_perms must be >= 1; got {n_perms}.")
+        raise ToolError(f"n_perms must be >= 1; got {n_perms}.", hint="Pass e.g. n_perms=1000.")
+    if permutations != "analytic" and n_perms * k * k > MAX_PERM_VALUES:
+        raise ToolError(
+            f"n_perms={n_perms:,} with {k} cell types would hold {n_perms * k * k * 8 / 2**30:.1f} GiB of "
+            f"permuted counts (limit {MAX_PERM_VALUES * 8 / 2**30:.1f} GiB).",
+            hint=f"Pass n_perms <= {MAX_PERM_VALUES // (k * k):,} (1000 is the usual choice), or "
+            "permutations='analytic' for the exact n_perms → ∞ limit.",
+        )
     if len(indptr) != n + 1:
         raise ToolError(f"The graph has {len(indptr) - 1} rows but there are {n} cells.",
                         hint="Rebuild the spatial graph on this dataset.")

@@ -162,14 +162,18 @@ def read_h5ad(path: str | Path, *, x_col: str | None = None, y_col: str | None =
         raise ToolError(f"Could not read {Path(path).name} as AnnData: {type(e).__name__}: {e}") from None
     if x_col is not None or y_col is not None:
         if x_col is None or y_col is None:
-            raise ToolError("Pass both x_col and y_col.")
+            raise ToolError(f"Only one coordinate column given (x_col={x_col!r}, y_col={y_col!r}).",
+                            hint="Pass both x_col and y_col (obs column names), e.g. x_col='X_position', "
+                            "y_col='Y_position'.")
         _require_cols(ad.obs, {"x_col": x_col, "y_col": y_col}, "obs")
         ad.obsm["spatial"] = ad.obs[[x_col, y_col]].to_numpy(dtype=np.float64)
     elif "spatial" not in ad.obsm:
         num = [c for c in ad.obs.columns if pd.api.types.is_numeric_dtype(ad.obs[c])][:20]
         raise ToolError(
             "The .h5ad has no obsm['spatial'] coordinates.",
-            hint=f"Pass x_col and y_col naming obs columns with coordinates (numeric obs columns: {', '.join(num)}).",
+            hint=f"Pass x_col and y_col naming obs columns with coordinates (numeric obs columns: {', '.join(num)})"
+            + ("" if "spatial_units" in ad.uns else ", and units='um' or units='px' (plus mpp for pixels)")
+            + ".",
         )
     if units is not None:
         set_units(ad, units, mpp)

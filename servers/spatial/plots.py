@@ -36,8 +36,20 @@ def _png(fig) -> bytes:
 
 def _palette(k: int) -> np.ndarray:
     plt = _plt()
-    cmap = plt.get_cmap("tab20" if k > 10 else "tab10")
-    return np.array([cmap(i % cmap.N) for i in range(k)])
+    if k <= 10:
+        return np.array([plt.get_cmap("tab10")(i) for i in range(k)])
+    if k <= 20:
+        return np.array([plt.get_cmap("tab20")(i) for i in range(k)])
+    # more types than a qualitative map holds: distinct colours (no repeats) from a cyclic hue wheel
+    # at three lightness levels, so neighbouring categories stay distinguishable
+    from matplotlib.colors import hsv_to_rgb
+
+    i = np.arange(k)
+    hues = (i // 3) / -(-k // 3) + (i % 3) / 3.0  # three interleaved, evenly spaced hue wheels
+    hues = hues % 1.0
+    levels = np.array([(0.75, 0.9), (0.45, 1.0), (0.95, 0.55)])[i % 3]
+    rgb = hsv_to_rgb(np.column_stack([hues, levels[:, 0], levels[:, 1]]))
+    return np.column_stack([rgb, np.ones(k)])
 
 
 def spatial_scatter(adata: AnnData, color: str | None = None, point_size: float | None = None,

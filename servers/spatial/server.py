@@ -284,7 +284,7 @@ async def cluster_cells(
 def spatial_graph(
     dataset: Dataset,
     method: Literal["knn", "radius", "delaunay"] = "knn",
-    n_neighbors: int = 6,
+    n_neighbors: Annotated[int, Field(description="k nearest neighbours per cell (method='knn').")] = 6,
     radius: Annotated[float | None, Field(description="Radius for 'radius'; max edge length for knn/delaunay "
                                                       "(coordinate units).")] = None,
 ) -> dict:
@@ -306,7 +306,9 @@ async def neighborhood_enrichment(
     dataset: Dataset, cluster_key: CellTypeKey, ctx: Context,
     n_perms: int = 1000, seed: int = 0,
     library_key: Annotated[str | None, Field(description="Permute labels within each sample/FOV of this obs column.")] = None,
-    graph_method: Literal["knn", "radius", "delaunay"] = "knn", n_neighbors: int = 6, radius: float | None = None,
+    graph_method: Literal["knn", "radius", "delaunay"] = "knn",
+    n_neighbors: Annotated[int, Field(description="k for a kNN graph built here (if the dataset has none).")] = 6,
+    radius: Annotated[float | None, Field(description="Radius (coordinate units) for graph_method='radius'.")] = None,
     permutations: Literal["fast", "squidpy", "analytic"] = "fast",
 ) -> ToolResult:
     """Neighbourhood enrichment z-scores between cell types (squidpy.gr.nhood_enrichment definition):
@@ -388,9 +390,17 @@ async def co_occurrence(
 
 @mcp.tool
 async def ripley(
-    dataset: Dataset, ctx: Context, mode: Literal["K", "L", "G"] = "L",
-    cluster_key: str | None = None, cell_type: str | None = None,
-    max_radius: float | None = None, n_radii: int = 50, n_simulations: int = 100, seed: int = 0,
+    dataset: Dataset, ctx: Context,
+    mode: Annotated[Literal["K", "L", "G"], Field(description="K (pairs within r), L (variance-stabilised K, "
+                                                              "L(r) - r), or G (nearest-neighbour CDF).")] = "L",
+    cluster_key: Annotated[str | None, Field(description="obs column with cell types (with cell_type).")] = None,
+    cell_type: Annotated[str | None, Field(description="Only cells of this type (needs cluster_key); "
+                                                       "default: all cells.")] = None,
+    max_radius: Annotated[float | None, Field(description="Largest radius, in the dataset's coordinate units "
+                                                          "(µm or px, see 'units'); default: automatic.", gt=0)] = None,
+    n_radii: Annotated[int, Field(description="Number of radii from 0 to max_radius.", ge=2, le=1000)] = 50,
+    n_simulations: Annotated[int, Field(description="Random patterns for the CSR envelope.", ge=0, le=2000)] = 100,
+    seed: int = 0,
 ) -> ToolResult:
     """Ripley's K, L (reported as L(r) - r, 0 under randomness) or G (nearest-neighbour CDF) for all cells
     or one cell type, with a complete-spatial-randomness envelope from n_simulations uniform patterns in
@@ -418,7 +428,9 @@ async def spatial_autocorrelation(
     dataset: Dataset, ctx: Context,
     genes: Annotated[list[str] | None, Field(description="Genes/markers (default: all).")] = None,
     mode: Literal["moran", "geary"] = "moran",
-    graph_method: Literal["knn", "radius", "delaunay"] = "knn", n_neighbors: int = 6, radius: float | None = None,
+    graph_method: Literal["knn", "radius", "delaunay"] = "knn",
+    n_neighbors: Annotated[int, Field(description="k for a kNN graph built here (if the dataset has none).")] = 6,
+    radius: Annotated[float | None, Field(description="Radius (coordinate units) for graph_method='radius'.")] = None,
 ) -> dict:
     """Moran's I (or Geary's C) of genes/markers on the spatial graph, row-normalised weights, analytic
     p-values (squidpy.gr.spatial_autocorr, pval_norm). I near 1 / C near 0: spatially patterned; I near 0
@@ -475,7 +487,11 @@ def nearest_neighbor_distances(
 
 @mcp.tool
 def cell_density(
-    dataset: Dataset, cluster_key: str | None = None, sample_key: str | None = None,
+    dataset: Dataset,
+    cluster_key: Annotated[str | None, Field(description="obs column with cell types for per-type "
+                                                         "densities; omit for all cells only.")] = None,
+    sample_key: Annotated[str | None, Field(description="obs column with samples/FOVs: one area and "
+                                                        "density per sample.")] = None,
     region: Literal["convex_hull", "bbox"] = "convex_hull",
     area_mm2: Annotated[float | None, Field(description="Tissue area in mm² if known (else from the cells).")] = None,
 ) -> dict:

@@ -337,6 +337,9 @@ def density(adata: AnnData, cluster_key: str | None = None, sample_key: str | No
     """
     import pandas as pd
 
+    if area_mm2 is not None and not (np.isfinite(area_mm2) and area_mm2 > 0):
+        raise ToolError(f"area_mm2 must be a positive area in mm², got {area_mm2!r}.",
+                        hint="Pass the tissue area, e.g. area_mm2=1.5, or leave it out to use the cells' hull.")
     f = um_per_unit(adata)
     if f is None and area_mm2 is None:
         raise ToolError("Density per mm² needs µm coordinates, but they are pixels of unknown size.",
@@ -354,7 +357,7 @@ def density(adata: AnnData, cluster_key: str | None = None, sample_key: str | No
         m = samples == s
         area = area_mm2 if area_mm2 is not None else tissue_area_um2(xy[m], region) / 1e6
         if not area or area <= 0:
-            raise ToolError(f"Sample {s!r}: the cells span zero area, so density is undefined.",
+            raise ToolError(f"Sample {str(s)!r}: the cells span zero area, so density is undefined.",
                             hint="Pass area_mm2 explicitly.")
         rows.append({"sample": s, "cell_type": "all", "n_cells": int(m.sum()), "area_mm2": area,
                      "cells_per_mm2": m.sum() / area})

@@ -120,6 +120,11 @@ def load_annotations(annotation: Path, *, image: Path | None = None, mpp: float 
         labels = A.read_label_image(annotation)
         if labels.min() < 0:
             raise ToolError(f"{annotation.name} has negative labels.", hint="Pass 0 = background, 1..N = objects.")
+        if labels.size and labels.min() > 0:
+            raise ToolError(f"{annotation.name} has no background (no pixel is 0): it looks like an intensity "
+                            "image, not an instance label image.",
+                            hint="Pass a label image with 0 = background and 1..N = objects (e.g. *.mask.tif), "
+                            "an ImageScope .xml, or a DSB2018 sample folder.")
         n_ann = int(np.count_nonzero(np.bincount(labels.ravel())[1:]))
     else:
         raise ToolError(f"Unsupported annotation file {annotation.name}.",

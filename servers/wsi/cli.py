@@ -1,7 +1,8 @@
 """CLI plugin: ``cytoagent wsi info|tissue|tiles|nuclei`` on local slide files.
 
 Top-level imports stay light (argparse only); OpenSlide and the library load inside the commands.
-Paths are ordinary local paths (the CLI user owns the files), results go to stdout as JSON and,
+Paths are ordinary local paths (the CLI user owns the files; a relative path not found in the current
+directory is looked up under the data root), results go to stdout as JSON and,
 with ``--out``, to a file.
 """
 
@@ -59,12 +60,30 @@ def _progress(done, total=None, message=None) -> None:
         print(f"\r{message or ''} {int(done)}/{int(total)}", end="" if done < total else "\n", file=sys.stderr)
 
 
-def _open(path: str, mpp: float | None):
+def _local(path: str):
+    """A local slide path: as given (relative to the current directory), else under the data root.
+
+    A path that exists neither way is a ToolError naming both places looked at.
+    """
     from pathlib import Path
 
+    from servers.common.config import get_config
+    from servers.common.errors import ToolError
+
+    p = Path(path).expanduser()
+    if p.exists():
+        return p.resolve()
+    root = get_config().data_root
+    if not p.is_absolute() and (root / p).exists():
+        return (root / p).resolve()
+    raise ToolError(f"No such file: {path!r} (looked in the current directory and in the data root {root}).",
+                    hint="Pass a local slide path, or one relative to the data root (CYTOAGENT_DATA_ROOT).")
+
+
+def _open(path: str, mpp: float | None):
     from servers.wsi.slide import open_slide_path
 
-    return open_slide_path(Path(path).expanduser().resolve(), mpp)
+    return open_slide_path(_local(path), mpp)
 
 
 def _write_table(df, out: str) -> None:
@@ -108,11 +127,9 @@ def cmd_tissue(args: argparse.Namespace) -> int:
 
 def cmd_tiles(args: argparse.Namespace) -> int:
     def go():
-        from pathlib import Path
-
         from servers.wsi.tiling import batch_tile
 
-        items = [(p, Path(p).expanduser().resolve()) for p in args.slides]
+        items = [(p, _local(p)) for p in args.slides]
         table, status = batch_tile(items, tile_px=args.tile_px, target_mpp=args.tile_mpp, downsample=args.downsample,
                                    min_tissue_fraction=args.min_tissue, workers=args.workers, progress=_progress)
         if args.out and len(table):

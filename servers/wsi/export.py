@@ -75,7 +75,9 @@ def nuclei_geojson(table, *, name: str = "Nucleus") -> dict:
     for rec in table.to_dict("records"):
         ring = rec.get("polygon") if has_poly else None
         if ring is not None and len(ring) >= 4:
-            geom = {"type": "Polygon", "coordinates": [np.asarray(ring, float).round(2).tolist()]}
+            # a table read back from Parquet holds the ring as an object array of (2,) arrays
+            coords = np.array([np.asarray(p, float) for p in ring], float).reshape(-1, 2)
+            geom = {"type": "Polygon", "coordinates": [coords.round(2).tolist()]}
         else:
             geom = {"type": "Point", "coordinates": [round(float(rec["x"]), 2), round(float(rec["y"]), 2)]}
         fid = rec.get("nucleus_id", rec.get("label"))

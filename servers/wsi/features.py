@@ -121,8 +121,12 @@ def cluster_tiles(df, *, n_clusters: int = 4, columns: list[str] | None = None, 
     missing = [c for c in cols if c not in df]
     if missing:
         raise ToolError(f"Unknown feature columns {missing}.", hint=f"Available: {', '.join(feature_columns(df))}.")
-    if not 2 <= n_clusters <= max(2, len(df) - 1):
-        raise ToolError(f"n_clusters must be in [2, {max(2, len(df) - 1)}] for {len(df)} tiles, got {n_clusters}.")
+    if len(df) < 3:
+        raise ToolError(f"Only {len(df)} tile(s) in the table: clustering needs at least 3.",
+                        hint="Make more tiles: a smaller tile_px, a finer mpp, or a lower min_tissue_fraction.")
+    if not 2 <= n_clusters <= len(df) - 1:
+        raise ToolError(f"n_clusters must be in [2, {len(df) - 1}] for {len(df)} tiles, got {n_clusters}.",
+                        hint=f"Pass n_clusters between 2 and {len(df) - 1}.")
     X = StandardScaler().fit_transform(df[cols].to_numpy(np.float64))
     X = np.nan_to_num(X)
     km = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit(X)

@@ -58,18 +58,31 @@ def _inline(df, n: int | None = None) -> list[dict]:
 
 
 @mcp.tool(annotations={"readOnlyHint": True})
-def list_slides(folder: str = ".", pattern: str = "*", limit: int = 200) -> dict:
+def list_slides(folder: str = ".", pattern: str = "*", limit: int = 50) -> dict:
     """List slide and image files under a folder of the data root (recursive; no pixels are read).
+
+    Whole-slide formats (SVS, NDPI, MRXS, tiled TIFF, ...) come first, then plain images
+    (PNG/JPEG/...), each group in path order.
 
     Args:
         folder: Folder relative to the data root ('.' = the root).
         pattern: Glob pattern for file names, e.g. '*.svs'.
-        limit: Maximum number of files returned.
+        limit: Maximum number of files returned (1-2000; default 50).
+
+    Returns:
+        n (files returned), n_found (files matching, counted up to 10,000), truncated (true when more
+        matched than returned: narrow with folder= or pattern=), slides (path, bytes, kind).
     """
     from servers.wsi.slide import list_slides as _ls
 
-    items = _ls(folder, pattern, limit=max(1, min(limit, 2000)))
-    return {"n": len(items), "slides": items}
+    limit = max(1, min(limit, 2000))
+    found = _ls(folder, pattern, limit=10_000)
+    found.sort(key=lambda item: item["kind"] != "slide")  # stable: slides first, path order kept
+    out = {"n": min(limit, len(found)), "n_found": len(found), "truncated": len(found) > limit,
+           "slides": found[:limit]}
+    if out["truncated"]:
+        out["hint"] = "More files matched than returned: pass folder= or pattern= (e.g. '*.svs') to narrow."
+    return out
 
 
 @mcp.tool(annotations={"readOnlyHint": True})
