@@ -80,3 +80,26 @@ def test_dask_executor_same_interface():
         seen = []
         assert ex.map(_square, range(6), progress=lambda d, t, m: seen.append(d)) == [0, 1, 4, 9, 16, 25]
         assert seen[-1] == 6
+
+
+def test_read_image_formats_and_errors(tmp_path):
+    from servers.common.imageio import read_image
+
+    grey16 = (np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)
+    Image.fromarray(grey16).save(tmp_path / "g.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "g.png"), grey16)  # 16-bit values kept
+    rgba = np.zeros((6, 5, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 255
+    Image.fromarray(rgba).save(tmp_path / "c.png")
+    rgb = read_image(tmp_path / "c.png")
+    assert rgb.shape == (6, 5, 3) and rgb[0, 0].tolist() == [200, 0, 0]
+    import tifffile
+
+    stack = np.arange(3 * 20 * 30, dtype=np.float32).reshape(3, 20, 30)
+    tifffile.imwrite(tmp_path / "s.tif", stack)
+    assert read_image(tmp_path / "s.tif").shape == (20, 30, 3)  # channel-first → channels-last
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG truncated")
+    with pytest.raises(ToolError, match="Cannot read bad.png as an image"):
+        read_image(tmp_path / "bad.png")
+    with pytest.raises(ToolError, match="Image not found"):
+        read_image(tmp_path / "missing.tif")

@@ -12,6 +12,7 @@ class ToolError(Exception):
     """An error caused by the caller's input, with a message that tells how to fix it."""
 
     def __init__(self, message: str, *, hint: str | None = None):
+        self.message = message
         self.hint = hint
         super().__init__(f"{message} {hint}".strip() if hint else message)
 

@@ -35,28 +35,10 @@ def read_image_2d(path: str | Path, channel: int | None = None) -> np.ndarray:
 
     ``channel`` picks one channel of a multi-channel image (0-based; channel-first TIFFs with up to
     8 channels are recognised); None averages the colour channels (alpha is dropped)."""
+    from servers.common.imageio import read_image
+
     p = Path(path)
-    if not p.is_file():
-        raise ToolError(f"Image not found: {p.name}.", hint="Pass the path of an image file under the data root.")
-    suffix = p.suffix.lower()
-    try:
-        if suffix in (".tif", ".tiff"):
-            import tifffile
-
-            arr = tifffile.imread(p)
-        elif suffix == ".npy":
-            arr = np.load(p, allow_pickle=False)
-        else:
-            from PIL import Image
-
-            with Image.open(p) as im:
-                arr = np.asarray(im)
-    except Exception as e:  # noqa: BLE001 - any decoder failure means "not an image we can read"
-        raise ToolError(f"Cannot read {p.name} as an image: {type(e).__name__}: {e}.",
-                        hint="Pass a TIFF, PNG, JPEG or NPY image.") from None
-    arr = np.squeeze(np.asarray(arr))
-    if arr.ndim == 3 and arr.shape[0] <= 8 and arr.shape[2] > 8:
-        arr = np.moveaxis(arr, 0, -1)
+    arr = read_image(p)
     if arr.ndim == 3:
         n = arr.shape[2]
         if channel is not None:

@@ -273,19 +273,9 @@ def _grid_for(task: Task, shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def _read_image(path: Path) -> np.ndarray:
-    suffix = path.suffix.lower()
-    if suffix in (".tif", ".tiff"):
-        import tifffile
+    from servers.common.imageio import read_image
 
-        arr = tifffile.imread(path)
-    elif suffix == ".npy":
-        arr = np.load(path, allow_pickle=False)
-    else:
-        from PIL import Image
-
-        with Image.open(path) as im:
-            arr = np.asarray(im)
-    arr = np.squeeze(arr)
+    arr = read_image(path)
     if arr.ndim == 3 and arr.shape[2] == 4:
         arr = arr[..., :3]
     if arr.ndim not in (2, 3):

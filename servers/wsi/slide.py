@@ -390,30 +390,18 @@ def tiff_mpp(path: Path) -> float | None:
 
 
 def _open_plain(path: Path, mpp: float | None) -> Slide:
+    from servers.common.imageio import read_image
+
     limit = _max_pixels()
     meta_mpp = None
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            arr = tifffile.imread(path)
-            meta_mpp = tiff_mpp(path)
-        else:
-            from PIL import Image
-
-            Image.MAX_IMAGE_PIXELS = limit
-            with Image.open(path) as im:
-                if im.mode in ("L", "I", "I;16", "I;16B", "I;16L", "F"):
-                    arr = np.asarray(im)  # one channel: keep the values (fluorescence)
-                else:
-                    arr = np.asarray(im.convert("RGB"))
-    except Exception as e:  # noqa: BLE001 - any decoder failure means "not an image we can read"
-        raise ToolError(f"Cannot read {path.name} as a slide or an image: {type(e).__name__}: {e}.",
+        arr = read_image(path, max_pixels=limit)
+    except ToolError as e:
+        raise ToolError(e.message.replace("as an image", "as a slide or an image"),
                         hint="Pass an OpenSlide format (SVS, NDPI, MRXS, tiled TIFF, ...) or a PNG/JPEG/TIFF image; "
                              "the file may be truncated or corrupt.") from None
-    arr = np.squeeze(np.asarray(arr))
-    if arr.ndim == 3 and arr.shape[0] <= 8 and arr.shape[2] > 8:  # channel-first (C, H, W)
-        arr = np.moveaxis(arr, 0, -1)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        meta_mpp = tiff_mpp(path)
     raw = None
     if arr.ndim == 2 or (arr.ndim == 3 and (arr.shape[2] != 3 or arr.dtype != np.uint8)):
         raw = np.ascontiguousarray(arr)  # grey / multi-channel / >8-bit: keep the measured values
