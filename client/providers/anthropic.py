@@ -18,6 +18,7 @@ from client.providers.base import (
     cost_of,
     header_retry_after,
     outcome_text_for_model,
+    retryable_sdk_error,
     with_retries,
 )
 
@@ -111,11 +112,7 @@ def parse_anthropic_response(resp: Any) -> ProviderResponse:
 def is_retryable(e: BaseException) -> bool:
     import anthropic
 
-    if isinstance(e, anthropic.APIConnectionError):  # includes timeouts
-        return True
-    status = getattr(e, "status_code", None)
-    return isinstance(e, anthropic.APIStatusError) and status is not None and (status in (408, 409, 429)
-                                                                                 or status >= 500)
+    return retryable_sdk_error(e, anthropic.APIConnectionError, anthropic.APIStatusError)
 
 
 class AnthropicProvider:

@@ -220,6 +220,15 @@ async def with_retries(
             await sleep(delay)
 
 
+def retryable_sdk_error(e: BaseException, connection_error: type, status_error: type) -> bool:
+    """Transient for an SDK (anthropic or openai share the shape): connection errors and timeouts, and
+    HTTP 408/409/429/5xx; everything else (bad request, auth) is final."""
+    if isinstance(e, connection_error):  # includes timeouts
+        return True
+    status = getattr(e, "status_code", None)
+    return isinstance(e, status_error) and status is not None and (status in (408, 409, 429) or status >= 500)
+
+
 def header_retry_after(e: BaseException) -> float | None:
     """Seconds from a ``retry-after`` / ``retry-after-ms`` header on an SDK status error, if any."""
     resp = getattr(e, "response", None)

@@ -19,6 +19,7 @@ from client.providers.base import (
     cost_of,
     header_retry_after,
     outcome_text_for_model,
+    retryable_sdk_error,
     with_retries,
 )
 
@@ -123,11 +124,7 @@ def parse_openai_response(resp: Any) -> ProviderResponse:
 def is_retryable(e: BaseException) -> bool:
     import openai
 
-    if isinstance(e, openai.APIConnectionError):  # includes timeouts
-        return True
-    status = getattr(e, "status_code", None)
-    return isinstance(e, openai.APIStatusError) and status is not None and (status in (408, 409, 429)
-                                                                              or status >= 500)
+    return retryable_sdk_error(e, openai.APIConnectionError, openai.APIStatusError)
 
 
 class OpenAIProvider:
